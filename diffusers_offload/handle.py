@@ -1,0 +1,93 @@
+"""`OffloadHandle`: what an `apply_*_offload` call did, and how to undo it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .packing import WeightGroup
+from .ring import PrefetchRing
+from .swap import SwapSet
+
+MARKER = "_diffusers_offload_handle"
+
+Undo = Callable[[torch.device | None], None]
+
+
+def ensure_not_offloaded(modules: Iterable[torch.nn.Module]) -> None:
+    """Refuses modules already managed by us, by diffusers' group offloading or by accelerate hooks."""
+    for root in modules:
+        for module in root.modules():
+            if getattr(module, MARKER, None) is not None:
+                raise RuntimeError(
+                    f"{type(module).__name__} already has offloading applied. "
+                    "Call handle.remove() (or pipe.disable_offload()) before enabling it again."
+                )
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and any(name.endswith("offloading") for name in registry.hooks):
+                raise RuntimeError(
+                    f"{type(module).__name__} has diffusers group offloading applied; remove it "
+                    "(e.g. reload the model) before using diffusers-offload."
+                )
+            if hasattr(module, "_hf_hook"):
+                raise RuntimeError(
+                    f"{type(module).__name__} has accelerate hooks (enable_model_cpu_offload, "
+                    "enable_sequential_cpu_offload or a device_map); remove them with "
+                    "pipe.remove_all_hooks() before using diffusers-offload."
+                )
+
+
+class OffloadHandle:
+    """Returned by `apply_layerwise_offload` / `apply_model_offload`; `remove()` undoes everything."""
+
+    def __init__(self, kind: str, device: torch.device, pin_memory: bool) -> None:
+        self.kind = kind
+        self.device = device
+        self.pin_memory = pin_memory
+        self.groups: list[WeightGroup] = []
+        self.rings: list[PrefetchRing] = []
+        self.swap_sets: list[SwapSet] = []
+        self.resident_bytes = 0
+        self.children: list[OffloadHandle] = []
+        self._undo: list[Undo] = []
+        self.removed = False
+
+    def on_remove(self, undo: Undo) -> None:
+        """Registers the undo of a step just done; steps are undone in reverse order."""
+        self._undo.append(undo)
+
+    def mark(self, module: torch.nn.Module) -> None:
+        setattr(module, MARKER, self)
+        self.on_remove(lambda _device: delattr(module, MARKER))
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of host memory held for the weights (exact-size slabs)."""
+        own = sum(group.slab.nbytes for group in self.groups)
+        return own + sum(child.host_bytes for child in self.children)
+
+    @property
+    def offloaded_bytes(self) -> int:
+        """Bytes of weights the handle offloaded (without alignment padding)."""
+        own = sum(group.data_bytes for group in self.groups)
+        return own + sum(child.offloaded_bytes for child in self.children)
+
+    def remove(self, device: str | torch.device | None = None) -> None:
+        """Removes every hook and gives each tensor ordinary storage again, bitwise as before.
+
+        `device=None` puts each tensor back where it was when offloading was applied.
+        """
+        if self.removed:
+            raise RuntimeError("This offload handle was already removed; there is nothing left to undo.")
+        target = torch.device(device) if device is not None else None
+        self.removed = True
+        for child in reversed(self.children):
+            if not child.removed:
+                child.remove(target)
+        while self._undo:
+            self._undo.pop()(target)
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else f"host {self.host_bytes / 2**20:.1f} MiB"
+        return f"OffloadHandle(kind={self.kind!r}, device={self.device}, {state})"

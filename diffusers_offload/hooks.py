@@ -1,0 +1,86 @@
+"""diffusers `ModelHook`s that drive the ring and the swap set, and wrappers for entry methods.
+
+Hooks are attached through `diffusers.hooks.HookRegistry`, so they stack with diffusers' own hooks
+(caches, layer skipping) in registration order: a hook registered later wraps ours, and if it skips a
+block our hook never runs for it, which the ring tolerates.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .ring import PrefetchRing
+from .swap import SwapMember, SwapSet
+
+STREAMED_BLOCK_HOOK = "diffusers_offload.streamed_block"
+SWAP_ENTRY_HOOK = "diffusers_offload.swap_entry"
+
+
+class StreamedBlockHook(ModelHook):
+    """Loads block `position` of `ring` before its forward and releases its slot afterwards."""
+
+    def __init__(self, ring: PrefetchRing, position: int) -> None:
+        super().__init__()
+        self.ring = ring
+        self.position = position
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self.ring.acquire(self.position)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            # Also on an exception, so that the slot's reuse stays ordered after the work queued so far.
+            self.ring.release(self.position)
+
+
+class SwapEntryHook(ModelHook):
+    """Before the component's forward, makes it the active member of its swap set."""
+
+    def __init__(self, swap_set: SwapSet, member: SwapMember) -> None:
+        super().__init__()
+        self.swap_set = swap_set
+        self.member = member
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
+        self.swap_set.enter(self.member)
+        return args, kwargs
+
+
+def register_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> Callable[[], None]:
+    """Registers `hook` on `module`; returns the function that removes it again."""
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(hook, name)
+
+    def remove() -> None:
+        registry.remove_hook(name, recurse=False)
+
+    return remove
+
+
+def wrap_entry_method(module: torch.nn.Module, method: str, before: Callable[[], None]) -> Callable[[], None]:
+    """Runs `before()` whenever `module.<method>` is called (e.g. a VAE's `decode`); returns the undo."""
+    if not callable(getattr(module, method, None)):
+        raise ValueError(f"{type(module).__name__} has no method {method!r} to hook.")
+    had_own = method in module.__dict__
+    previous = module.__dict__.get(method)
+    bound = getattr(module, method)
+
+    @functools.wraps(bound)
+    def entered(*args: Any, **kwargs: Any) -> Any:
+        before()
+        return bound(*args, **kwargs)
+
+    setattr(module, method, entered)
+
+    def undo() -> None:
+        if had_own:
+            setattr(module, method, previous)
+        else:
+            delattr(module, method)
+
+    return undo

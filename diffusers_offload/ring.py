@@ -1,0 +1,120 @@
+"""The prefetch ring: `prefetch + 1` device slots that streamed blocks take turns in.
+
+Blocks are expected in a fixed cyclic order (the last block of a forward is followed by the first of
+the next one). Entering block i makes sure it is in a slot, makes compute wait for its copy, and issues
+the copies of blocks i+1..i+prefetch into slots whose occupants are outside that window. Any other order
+(skipped blocks, repeated calls) is still correct: a block that is not in a slot is loaded on demand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .packing import WeightGroup
+from .transfer import Copier
+
+EMPTY = -1
+
+
+@dataclass
+class RingStats:
+    """Counters for the report: transfers issued and how many were on demand (not prefetched)."""
+
+    loads: int = 0
+    on_demand_loads: int = 0
+    bytes_moved: int = 0
+    calls: int = 0
+
+
+class PrefetchRing:
+    """Streams `groups` (in expected execution order) through `prefetch + 1` fixed device slots."""
+
+    def __init__(
+        self, groups: Sequence[WeightGroup], device: torch.device, prefetch: int, copier: Copier
+    ) -> None:
+        if not groups:
+            raise ValueError("PrefetchRing needs at least one group to stream.")
+        self.groups = list(groups)
+        self.copier = copier
+        count = len(self.groups)
+        self.lookahead = min(prefetch, count - 1)
+        num_slots = self.lookahead + 1
+        self.slot_bytes = max(group.nbytes for group in self.groups)
+        # Allocated once: no allocator traffic per block or per step.
+        self.slots = [
+            torch.empty(self.slot_bytes, dtype=torch.uint8, device=device) for _ in range(num_slots)
+        ]
+        # Precomputed at enable time so that the hot path only re-points (slicing costs microseconds).
+        self._views = [[group.views_into(slot) for slot in self.slots] for group in self.groups]
+        self._dst = [[slot[: group.nbytes] for slot in self.slots] for group in self.groups]
+        self._src = [group.slab.data for group in self.groups]
+        self.slot_owner = [EMPTY] * num_slots
+        self.slot_of = [EMPTY] * count
+        self._copied = [copier.new_event() for _ in range(num_slots)]
+        self._released = [copier.new_event() for _ in range(num_slots)]
+        self._ever_released = [False] * num_slots
+        self.stats = RingStats()
+
+    @property
+    def device_bytes(self) -> int:
+        return self.slot_bytes * len(self.slots)
+
+    def acquire(self, position: int) -> None:
+        """Called before block `position` computes: its weights are in a slot once compute proceeds."""
+        self.stats.calls += 1
+        slot = self.slot_of[position]
+        if slot == EMPTY:
+            slot = self._load(position, position)
+            self.stats.on_demand_loads += 1
+        self.copier.wait(self._copied[slot])
+        count = len(self.groups)
+        for step in range(1, self.lookahead + 1):
+            upcoming = (position + step) % count
+            if self.slot_of[upcoming] == EMPTY:
+                self._load(upcoming, position)
+
+    def release(self, position: int) -> None:
+        """Called after block `position` computed (or raised): its slot may be reused after this point."""
+        slot = self.slot_of[position]
+        if slot != EMPTY:
+            self.copier.record(self._released[slot])
+            self._ever_released[slot] = True
+
+    def _load(self, position: int, window_start: int) -> int:
+        slot = self._victim(window_start)
+        owner = self.slot_owner[slot]
+        if owner != EMPTY:
+            self.groups[owner].offload()
+            self.slot_of[owner] = EMPTY
+        after = self._released[slot] if self._ever_released[slot] else None
+        self.copier.copy(self._dst[position][slot], self._src[position], done=self._copied[slot], after=after)
+        self.groups[position].point_to(self._views[position][slot])
+        self.slot_owner[slot] = position
+        self.slot_of[position] = slot
+        self.stats.loads += 1
+        self.stats.bytes_moved += self.groups[position].nbytes
+        return slot
+
+    def _victim(self, window_start: int) -> int:
+        """An empty slot, else the slot whose block is needed furthest in the future after the window."""
+        count = len(self.groups)
+        best, best_distance = EMPTY, -1
+        for slot, owner in enumerate(self.slot_owner):
+            if owner == EMPTY:
+                return slot
+            distance = (owner - window_start) % count
+            if distance > self.lookahead and distance > best_distance:
+                best, best_distance = slot, distance
+        if best == EMPTY:  # pragma: no cover - the window holds at most num_slots - 1 loaded blocks here
+            raise RuntimeError("PrefetchRing: no free slot; this is a bug in diffusers-offload.")
+        return best
+
+    def evict_all(self) -> None:
+        for slot, owner in enumerate(self.slot_owner):
+            if owner != EMPTY:
+                self.groups[owner].offload()
+                self.slot_of[owner] = EMPTY
+                self.slot_owner[slot] = EMPTY

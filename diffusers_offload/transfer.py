@@ -1,0 +1,82 @@
+"""Host-to-device copies and the events that order them against compute.
+
+The ring and the swap logic speak only this small interface, so the same schedule runs on a CUDA/XPU
+copy stream, synchronously on the CPU, or under a test copier that defers copies to prove ordering.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class Copier(Protocol):
+    """Issues copies and orders them against the compute stream with reusable events."""
+
+    def new_event(self) -> Any:
+        """A reusable event (recorded many times)."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, *, done: Any, after: Any | None) -> None:
+        """Copy `src` into `dst` off the compute stream once compute event `after` passed; record `done`."""
+
+    def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy on the compute stream itself (ordered with everything computed before and after)."""
+
+    def wait(self, event: Any) -> None:
+        """Make the compute stream wait for `event` (no host-side blocking)."""
+
+    def record(self, event: Any) -> None:
+        """Record `event` on the compute stream."""
+
+
+class SyncCopier:
+    """Copies synchronously on the calling thread: the CPU execution device."""
+
+    def new_event(self) -> object:
+        return object()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, *, done: Any, after: Any | None) -> None:
+        dst.copy_(src)
+
+    def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def wait(self, event: Any) -> None:
+        pass
+
+    def record(self, event: Any) -> None:
+        pass
+
+
+class StreamCopier:
+    """Copies on a dedicated accelerator stream through torch's generic Stream/Event API."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.Stream(device=device)
+
+    def new_event(self) -> torch.Event:
+        return torch.Event(device=self.device)
+
+    def copy(
+        self, dst: torch.Tensor, src: torch.Tensor, *, done: torch.Event, after: torch.Event | None
+    ) -> None:
+        if after is not None:
+            self.stream.wait_event(after)
+        with self.stream:
+            dst.copy_(src, non_blocking=True)
+        done.record(self.stream)
+
+    def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src, non_blocking=True)
+
+    def wait(self, event: torch.Event) -> None:
+        torch.accelerator.current_stream(self.device).wait_event(event)
+
+    def record(self, event: torch.Event) -> None:
+        event.record(torch.accelerator.current_stream(self.device))
+
+
+def make_copier(device: torch.device) -> Copier:
+    return SyncCopier() if device.type == "cpu" else StreamCopier(device)

@@ -1,0 +1,20 @@
+"""Per-model adapters: which pipeline attributes hold the DiT, the encoders and the VAE, and which
+ModuleLists form streamable blocks. Importing the package registers the shipped adapters."""
+
+from . import longcat_image, nextstep, ovis_image, qwen_image, sd3, z_image  # noqa: F401  (register on import)
+from .adapter import ModelAdapter, find_module_lists, pipeline_modules, resolve_path
+from .generic import generic_adapter
+from .registry import get_adapter, list_adapters, lookup_adapter, register_adapter, unregister_adapter
+
+__all__ = [
+    "ModelAdapter",
+    "find_module_lists",
+    "generic_adapter",
+    "get_adapter",
+    "list_adapters",
+    "lookup_adapter",
+    "pipeline_modules",
+    "register_adapter",
+    "resolve_path",
+    "unregister_adapter",
+]

@@ -1,0 +1,203 @@
+"""Layer-wise offload of a tiny diffusers transformer on the CPU execution device."""
+
+import pytest
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from offload_probes import DeferredCopier, materialised, on_every_leaf_forward, storage_within
+
+import diffusers_offload as dof
+from diffusers_offload.packing import is_placeholder
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("resident_blocks", [0, 2, [0, 4]])
+def test_bitwise_equal_over_consecutive_calls(dit, prefetch, resident_blocks):
+    handle = dof.apply_layerwise_offload(
+        dit.model, ["transformer_blocks"], device="cpu", prefetch=prefetch, resident_blocks=resident_blocks
+    )
+    for _ in range(2):  # each call wraps around from the last block to the first
+        for i, reference in enumerate(dit.references):
+            assert torch.equal(dit.run(i), reference)
+    ring = handle.rings[0]
+    assert ring.stats.calls == 6 * len(ring.groups)
+    if prefetch > 0:
+        # Only the very first block of the first call is loaded on demand: the rest was prefetched,
+        # including block 0 of each later call (the wrap-around).
+        assert ring.stats.on_demand_loads == 1
+    handle.remove()
+    dit.assert_restored()
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_at_most_prefetch_plus_one_blocks_materialised(dit, prefetch):
+    handle = dof.apply_layerwise_offload(dit.model, ["transformer_blocks"], device="cpu", prefetch=prefetch)
+    ring = handle.rings[0]
+    blocks = list(dit.blocks)
+    block_names = [f"transformer_blocks.{i}." for i in range(len(blocks))]
+    seen_in_blocks = 0
+
+    def check(name, leaf):
+        nonlocal seen_in_blocks
+        loaded = [i for i, block in enumerate(blocks) if materialised(block)]
+        assert len(loaded) <= prefetch + 1
+        for i in loaded:  # every materialised tensor of a streamed block lives in a ring slot
+            for tensor in [*blocks[i].parameters(), *blocks[i].buffers()]:
+                assert storage_within(tensor, ring.slots) is not None
+        running = [i for i, prefix in enumerate(block_names) if name.startswith(prefix)]
+        if running:
+            seen_in_blocks += 1
+            assert running[0] in loaded
+        else:  # outside the blocks: resident parts are ordinary tensors, never placeholders
+            assert all(not is_placeholder(t) for t in leaf.parameters())
+
+    with on_every_leaf_forward(dit.model, check):
+        for i in range(3):
+            assert torch.equal(dit.run(i), dit.references[i])
+    assert seen_in_blocks > 0
+    handle.remove()
+
+
+def test_offloaded_block_fails_loudly(dit):
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=0)
+    block = dit.blocks[2]
+    assert all(is_placeholder(p) for p in block.parameters())
+    # Compute the block while bypassing our hook: empty placeholders cannot be multiplied.
+    with pytest.raises(RuntimeError):
+        block.norm1.linear(torch.randn(2, 32))
+    handle.remove()
+
+
+def test_parameter_identity_is_kept(dit):
+    before = {name: id(p) for name, p in dit.model.named_parameters()}
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu")
+    dit.run()
+    assert {name: id(p) for name, p in dit.model.named_parameters()} == before
+    handle.remove()
+    assert {name: id(p) for name, p in dit.model.named_parameters()} == before
+
+
+class SkipBlock(ModelHook):
+    """Stands in for a cache hook that skips a block and passes its inputs through."""
+
+    def new_forward(self, module, hidden_states, encoder_hidden_states, **kwargs):
+        return encoder_hidden_states, hidden_states
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_skipped_blocks_and_repeated_calls_stay_correct(dit, prefetch):
+    skipped = [1, 2]
+
+    def skip(enabled):
+        for i in skipped:
+            registry = HookRegistry.check_if_exists_or_initialize(dit.blocks[i])
+            if enabled:
+                registry.register_hook(SkipBlock(), "skip")
+            else:
+                registry.remove_hook("skip", recurse=False)
+
+    skip(True)
+    references = [dit.run(i) for i in range(3)]
+    skip(False)
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=prefetch)
+    skip(True)  # registered after ours, so it wraps our hook like a cache hook would
+    for i in [0, 0, 1, 2, 2]:  # repeated calls, like a CFG pipeline calling the DiT twice per step
+        assert torch.equal(dit.run(i), references[i])
+    skip(False)
+    for i in range(3):
+        assert torch.equal(dit.run(i), dit.references[i])
+    assert handle.rings[0].stats.on_demand_loads > 1
+    handle.remove()
+    dit.assert_restored()
+
+
+def test_blocks_called_in_arbitrary_order(dit):
+    x = torch.randn(2, 16, 32)
+    context = torch.randn(2, 7, 32)
+    temb = torch.randn(2, 32)
+    order = [3, 0, 4, 4, 1, 2, 0, 3]
+    with torch.no_grad():
+        expected = [dit.blocks[i](x, context, temb) for i in order]
+        handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1)
+        for i, want in zip(order, expected, strict=True):
+            got = dit.blocks[i](x, context, temb)
+            assert all(a is b or torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    handle.remove()
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_deferred_copies_prove_waits_and_slot_ordering(dit, prefetch):
+    copier = DeferredCopier()
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=prefetch, copier=copier)
+    for _ in range(2):
+        for i, reference in enumerate(dit.references):
+            assert torch.equal(dit.run(i), reference)
+    assert copier.violations == []
+    assert copier.deferred_runs > 0
+    handle.remove()
+
+
+class _NoWaitCopier(DeferredCopier):
+    def wait(self, event):  # a broken engine that forgets to wait
+        pass
+
+
+def test_deferred_copier_catches_a_missing_wait(dit):
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1, copier=_NoWaitCopier())
+    assert not torch.equal(dit.run(0), dit.references[0])
+    handle.remove()
+
+
+def test_deferred_copier_catches_unordered_slot_reuse(dit):
+    copier = DeferredCopier()
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1, copier=copier)
+    ring = handle.rings[0]
+    ring._ever_released = _AlwaysFalse()  # a broken ring that never orders a copy after compute
+    dit.run(0)
+    assert copier.violations
+    handle.remove()
+
+
+class _AlwaysFalse(list):
+    def __getitem__(self, index):
+        return False
+
+    def __setitem__(self, index, value):
+        pass
+
+
+def test_exception_inside_a_block_leaves_model_usable(dit):
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1)
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    dit.blocks[2].ff.forward = explode
+    with pytest.raises(RuntimeError, match="boom"):
+        dit.run(0)
+    del dit.blocks[2].ff.forward
+    for i in range(3):
+        assert torch.equal(dit.run(i), dit.references[i])
+    handle.remove()
+    dit.assert_restored()
+
+
+def test_host_memory_is_one_exact_copy(dit):
+    streamed_bytes = sum(
+        t.numel() * t.element_size() for block in dit.blocks for t in [*block.parameters(), *block.buffers()]
+    )
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu")
+    assert streamed_bytes <= handle.host_bytes <= 1.05 * streamed_bytes
+    assert handle.offloaded_bytes == streamed_bytes
+    handle.remove()
+
+
+def test_shared_parameter_between_blocks_stays_resident(dit):
+    shared = dit.blocks[1].norm1.linear.weight
+    dit.blocks[3].norm1.linear.weight = shared
+    with torch.no_grad():
+        reference = dit.model(**dit.inputs[0]).sample
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1)
+    assert not is_placeholder(shared)
+    assert all(shared is not t for group in handle.groups for t in group.tensors)
+    assert torch.equal(dit.run(0), reference)
+    handle.remove()
