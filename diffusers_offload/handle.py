@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ class OffloadHandle:
         self.rings: list[PrefetchRing] = []
         self.swap_sets: list[SwapSet] = []
         self.resident_bytes = 0
-        self.children: list[OffloadHandle] = []
+        self.components: dict[str, Any] = {}  # name -> placement.ComponentRecord
         self._undo: list[Undo] = []
         self.removed = False
 
@@ -64,14 +65,12 @@ class OffloadHandle:
     @property
     def host_bytes(self) -> int:
         """Bytes of host memory held for the weights (exact-size slabs)."""
-        own = sum(group.slab.nbytes for group in self.groups)
-        return own + sum(child.host_bytes for child in self.children)
+        return sum(group.slab.nbytes for group in self.groups)
 
     @property
     def offloaded_bytes(self) -> int:
         """Bytes of weights the handle offloaded (without alignment padding)."""
-        own = sum(group.data_bytes for group in self.groups)
-        return own + sum(child.offloaded_bytes for child in self.children)
+        return sum(group.data_bytes for group in self.groups)
 
     def remove(self, device: str | torch.device | None = None) -> None:
         """Removes every hook and gives each tensor ordinary storage again, bitwise as before.
@@ -82,9 +81,6 @@ class OffloadHandle:
             raise RuntimeError("This offload handle was already removed; there is nothing left to undo.")
         target = torch.device(device) if device is not None else None
         self.removed = True
-        for child in reversed(self.children):
-            if not child.removed:
-                child.remove(target)
         while self._undo:
             self._undo.pop()(target)
 

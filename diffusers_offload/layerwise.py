@@ -32,16 +32,34 @@ def resolve_block_list(module: torch.nn.Module, path: str) -> torch.nn.ModuleLis
     )
 
 
+def resolve_blocks(module: torch.nn.Module, block_lists: Sequence[str]) -> list[torch.nn.Module]:
+    """All blocks of `block_lists` in execution order; each block once."""
+    if isinstance(block_lists, str):
+        block_lists = (block_lists,)
+    blocks = [block for path in block_lists for block in resolve_block_list(module, path)]
+    if len({id(b) for b in blocks}) != len(blocks):
+        raise ValueError(
+            f"block_lists {list(block_lists)} name the same block twice; list each ModuleList once."
+        )
+    return blocks
+
+
+def check_prefetch(prefetch: int) -> None:
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise ValueError(f"prefetch must be an integer >= 0 (blocks copied ahead), got {prefetch!r}.")
+
+
 def spread_indices(total: int, count: int) -> list[int]:
     """`count` indices out of `range(total)`, evenly spaced, so transfers between them stay evenly spaced."""
     if count <= 0:
         return []
     if count >= total:
         return list(range(total))
-    return [int((i + 0.5) * total / count) for i in range(count)]
+    return [i * total // count for i in range(count)]
 
 
-def _resident_indices(resident_blocks: int | Sequence[int], total: int) -> set[int]:
+def resident_indices(resident_blocks: int | Sequence[int], total: int) -> set[int]:
+    """Block indices to keep on the device: a count (spread evenly) or explicit indices."""
     if isinstance(resident_blocks, int):
         if not 0 <= resident_blocks <= total:
             raise ValueError(
@@ -63,10 +81,32 @@ def _modules_outside(root: torch.nn.Module, excluded: set[int]) -> Iterable[torc
         if id(module) in excluded:
             continue
         yield module
-        stack.extend(module._modules.values() if module._modules else ())
+        stack.extend(module._modules.values())
 
 
-def _move_resident(handle: OffloadHandle, tensors: list[torch.Tensor], device: torch.device) -> None:
+def partition_tensors(
+    module: torch.nn.Module, streamed: Sequence[torch.nn.Module], exclude: set[int]
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Splits `module`'s tensors (minus ids in `exclude`) into the rest and one list per streamed block.
+
+    A tensor used outside the streamed blocks, or by two of them, belongs to the rest: a streamed block
+    may only own what nothing else reads.
+    """
+    rest = collect_tensors(_modules_outside(module, {id(b) for b in streamed}), set(exclude), recurse=False)
+    rest_ids = {id(t) for t in rest} | exclude
+    per_block = [collect_tensors([block], set()) for block in streamed]
+    seen: set[int] = set()
+    for tensors in per_block:
+        for tensor in tensors:
+            if id(tensor) in seen and id(tensor) not in rest_ids:
+                rest_ids.add(id(tensor))
+                rest.append(tensor)
+            seen.add(id(tensor))
+    return rest, [[t for t in tensors if id(t) not in rest_ids] for tensors in per_block]
+
+
+def move_resident(handle: OffloadHandle, tensors: list[torch.Tensor], device: torch.device) -> None:
+    """Moves `tensors` to `device` for as long as the handle lives (no host copy is kept)."""
     originals = [t.device for t in tensors]
     for tensor in tensors:
         if tensor.device != device:
@@ -80,6 +120,44 @@ def _move_resident(handle: OffloadHandle, tensors: list[torch.Tensor], device: t
                 tensor.data = tensor.data.to(destination)
 
     handle.on_remove(undo)
+
+
+def pack_group(
+    handle: OffloadHandle, name: str, tensors: list[torch.Tensor], placeholders: PlaceholderCache
+) -> WeightGroup:
+    """Packs `tensors` into a host slab, leaves them offloaded, and registers the restore."""
+    group = WeightGroup(name, tensors, pin=handle.pin_memory, device_type=handle.device.type)
+    handle.groups.append(group)
+    handle.on_remove(lambda target: group.restore(target))
+    group.make_placeholders(placeholders)
+    group.offload()
+    return group
+
+
+def build_ring(
+    handle: OffloadHandle,
+    streamed: Sequence[torch.nn.Module],
+    block_tensors: Sequence[list[torch.Tensor]],
+    prefetch: int,
+    placeholders: PlaceholderCache,
+    copier: Copier,
+) -> PrefetchRing:
+    """Packs each streamed block, builds their ring and hooks every block to it."""
+    groups = [
+        pack_group(handle, f"{type(block).__name__}[{i}]", tensors, placeholders)
+        for i, (block, tensors) in enumerate(zip(streamed, block_tensors, strict=True))
+    ]
+    ring = PrefetchRing(groups, handle.device, prefetch, copier)
+    handle.rings.append(ring)
+    handle.on_remove(lambda _target: ring.free())
+    for position, block in enumerate(streamed):
+        attach_hook(handle, block, StreamedBlockHook(ring, position), STREAMED_BLOCK_HOOK)
+    return ring
+
+
+def attach_hook(handle: OffloadHandle, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    remove = register_hook(module, hook, name)
+    handle.on_remove(lambda _target: remove())
 
 
 def apply_layerwise_offload(
@@ -106,84 +184,25 @@ def apply_layerwise_offload(
     Everything outside the block lists is moved to `device` and stays there. Call `handle.remove()`
     to undo.
     """
-    if isinstance(block_lists, str):
-        block_lists = (block_lists,)
-    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
-        raise ValueError(f"prefetch must be an integer >= 0 (blocks copied ahead), got {prefetch!r}.")
+    check_prefetch(prefetch)
     ensure_not_offloaded([module])
-    blocks = [block for path in block_lists for block in resolve_block_list(module, path)]
-    if len({id(b) for b in blocks}) != len(blocks):
-        raise ValueError(
-            f"block_lists {list(block_lists)} name the same block twice; list each ModuleList once."
-        )
-    resident = _resident_indices(resident_blocks, len(blocks))
+    blocks = resolve_blocks(module, block_lists)
+    resident = resident_indices(resident_blocks, len(blocks))
     device = resolve_device(device)
     pin = resolve_pin_memory(pin_memory, device)
     streamed = [block for i, block in enumerate(blocks) if i not in resident]
-
-    # A tensor used outside the streamed blocks, or by two of them, must stay resident.
-    block_tensors = [collect_tensors([block], set()) for block in streamed]
+    rest, block_tensors = partition_tensors(module, streamed, set())
     for tensors in block_tensors:
         check_packable(tensors, type(module).__name__)
-    resident_tensors = collect_tensors(
-        _modules_outside(module, {id(b) for b in streamed}), set(), recurse=False
-    )
-    resident_ids = {id(t) for t in resident_tensors}
-    seen: set[int] = set()
-    for tensors in block_tensors:
-        for tensor in tensors:
-            if id(tensor) in seen and id(tensor) not in resident_ids:
-                resident_ids.add(id(tensor))
-                resident_tensors.append(tensor)
-            seen.add(id(tensor))
 
     handle = OffloadHandle("layerwise", device, pin)
     try:
-        _move_resident(handle, resident_tensors, device)
+        move_resident(handle, rest, device)
         if streamed:
-            _stream_blocks(handle, streamed, block_tensors, resident_ids, device, prefetch, copier)
+            placeholders = PlaceholderCache(device)
+            build_ring(handle, streamed, block_tensors, prefetch, placeholders, copier or make_copier(device))
         handle.mark(module)
     except BaseException:
         handle.remove()
         raise
     return handle
-
-
-def _stream_blocks(
-    handle: OffloadHandle,
-    streamed: list[torch.nn.Module],
-    block_tensors: list[list[torch.Tensor]],
-    resident_ids: set[int],
-    device: torch.device,
-    prefetch: int,
-    copier: Copier | None,
-) -> None:
-    placeholders = PlaceholderCache(device)
-    groups: list[WeightGroup] = []
-
-    def restore(target: torch.device | None) -> None:
-        for group in groups:
-            group.restore(target)
-
-    handle.on_remove(restore)
-    for index, (block, tensors) in enumerate(zip(streamed, block_tensors, strict=True)):
-        group = WeightGroup(
-            f"{type(block).__name__}[{index}]",
-            [t for t in tensors if id(t) not in resident_ids],
-            pin=handle.pin_memory,
-            device_type=device.type,
-        )
-        group.make_placeholders(placeholders)
-        group.offload()
-        groups.append(group)
-        handle.groups.append(group)
-    ring = PrefetchRing(groups, device, prefetch, copier or make_copier(device))
-    handle.rings.append(ring)
-    handle.on_remove(lambda _target: ring.evict_all())
-    for position, block in enumerate(streamed):
-        _hook(handle, block, StreamedBlockHook(ring, position), STREAMED_BLOCK_HOOK)
-
-
-def _hook(handle: OffloadHandle, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-    remove = register_hook(module, hook, name)
-    handle.on_remove(lambda _target: remove())

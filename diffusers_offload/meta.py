@@ -114,38 +114,50 @@ def _build_diffusers_folder(folder: Path, dtype: torch.dtype) -> tuple[str, dict
     for name in names:
         config = _read_json(folder / name / "config.json")
         library, class_name = declared.get(name, (None, None))
-        components[name] = _build_library_model(name, library, class_name, config, dtype)
+        cls = _model_class(name, library, class_name, config)
+        if cls is not None:  # else a tokenizer, processor or other non-model folder
+            components[name] = _instantiate(cls, config, dtype)
     return pipeline_class, components
 
 
-def _build_library_model(
-    name: str, library: str | None, class_name: str | None, config: dict[str, Any], dtype: torch.dtype
-) -> nn.Module:
+def _model_class(
+    name: str, library: str | None, class_name: str | None, config: dict[str, Any]
+) -> type | None:
+    """The diffusers ``ModelMixin`` / transformers ``PreTrainedModel`` class of a component, or None."""
     import diffusers
     import transformers
 
-    if library is None:  # not in model_index: infer from the config itself
+    declared = library is not None
+    if not declared:  # not in model_index: infer the class from the config itself
         if "_class_name" in config:
             library, class_name = "diffusers", config["_class_name"]
         elif config.get("architectures"):
             library, class_name = "transformers", config["architectures"][0]
         else:
-            raise ValueError(f"component {name!r}: config.json names no class (_class_name / architectures)")
+            return None
     if library not in ("diffusers", "transformers"):
         raise ValueError(f"component {name!r}: library {library!r} is not supported (diffusers/transformers)")
-    module = diffusers if library == "diffusers" else transformers
+    module, base = (
+        (diffusers, diffusers.ModelMixin)
+        if library == "diffusers"
+        else (transformers, transformers.PreTrainedModel)
+    )
     cls = getattr(module, class_name, None)
-    base = diffusers.ModelMixin if library == "diffusers" else transformers.PreTrainedModel
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ValueError(
-            f"component {name!r}: {library} {module.__version__} has no model class {class_name!r}"
-        )
+    if declared and not isinstance(cls, type):
+        raise ValueError(f"component {name!r}: {library} {module.__version__} has no class {class_name!r}")
+    return cls if isinstance(cls, type) and issubclass(cls, base) else None
+
+
+def _instantiate(cls: type, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    from diffusers import ModelMixin
+
+    is_diffusers = issubclass(cls, ModelMixin)
     with torch.device("meta"):
-        if library == "diffusers":
+        if is_diffusers:
             model = cls.from_config(config)
         else:
             model = cls._from_config(cls.config_class.from_dict(config))
-    return _finish(model, dtype, substring_match=library == "diffusers")
+    return _finish(model, dtype, substring_match=is_diffusers)
 
 
 def _finish(model: nn.Module, dtype: torch.dtype, *, substring_match: bool = False) -> nn.Module:

@@ -7,20 +7,11 @@ from typing import Any
 
 import torch
 
-from .devices import resolve_device, resolve_pin_memory
-from .handle import OffloadHandle, ensure_not_offloaded
-from .layerwise import apply_layerwise_offload, resolve_block_list
-from .model_swap import apply_model_offload, attach_swap_entry
-from .swap import SwapMember
+from .handle import OffloadHandle
+from .placement import Placement, apply_placements
 from .transfer import Copier
 
-
-def pipeline_modules(pipe: Any) -> dict[str, torch.nn.Module]:
-    """The pipeline's `nn.Module` components by attribute name (diffusers' `components`, else attributes)."""
-    components = getattr(pipe, "components", None)
-    if not isinstance(components, dict):
-        components = vars(pipe)
-    return {name: module for name, module in components.items() if isinstance(module, torch.nn.Module)}
+ENCODER_POLICIES = ("swap", "stream")
 
 
 def _adapter_for(pipe: Any, adapter: Any | None) -> Any:
@@ -29,6 +20,45 @@ def _adapter_for(pipe: Any, adapter: Any | None) -> Any:
     from model_registry import get_adapter
 
     return get_adapter(pipe)
+
+
+def placements_for(
+    adapter: Any,
+    modules: dict[str, torch.nn.Module],
+    *,
+    denoiser: str,
+    prefetch: int = 1,
+    resident_blocks: int | Sequence[int] = 0,
+    encoders: str = "swap",
+) -> dict[str, Placement]:
+    """Placements from an adapter: the denoiser `denoiser` ("streamed"/"swapped"), encoders per
+    `encoders` ("swap"/"stream"), everything else swapped."""
+    if encoders not in ENCODER_POLICIES:
+        raise ValueError(f"encoders must be one of {ENCODER_POLICIES}, got {encoders!r}.")
+    if adapter.denoiser not in modules:
+        raise ValueError(
+            f"The pipeline has no component {adapter.denoiser!r} (components: {sorted(modules)}). "
+            "Declare an adapter for it: see docs/adding-a-model.md."
+        )
+    placements = {}
+    for name in modules:
+        common = dict(
+            entry_methods=tuple(adapter.entry_methods.get(name, ())),
+            host_only=tuple(adapter.host_only.get(name, ())),
+            resident_tensors=tuple(adapter.resident_tensors.get(name, ())),
+        )
+        blocks = tuple(adapter.block_paths(name))
+        if name == adapter.denoiser and denoiser == "streamed":
+            placements[name] = Placement("streamed", blocks, _as_tuple(resident_blocks), prefetch, **common)
+        elif name != adapter.denoiser and encoders == "stream" and blocks:
+            placements[name] = Placement("streamed", blocks, 0, prefetch, **common)
+        else:
+            placements[name] = Placement("swapped", **common)
+    return placements
+
+
+def _as_tuple(resident_blocks: int | Sequence[int]) -> int | tuple[int, ...]:
+    return resident_blocks if isinstance(resident_blocks, int) else tuple(resident_blocks)
 
 
 class OffloadMixin:
@@ -41,12 +71,17 @@ class OffloadMixin:
         """The active offload handle, or None when offloading is disabled."""
         return self._offload_handle
 
-    def _check_can_enable(self) -> None:
+    def _enable(self, kind: str, placements: dict[str, Placement], device: Any, pin_memory: Any, copier: Any):
         if self._offload_handle is not None:
             raise RuntimeError(
                 f"Offloading ({self._offload_handle.kind}) is already enabled on this pipeline. "
                 "Call pipe.disable_offload() first to switch strategy."
             )
+        modules = _modules(self)
+        self._offload_handle = apply_placements(
+            modules, placements, device, pin_memory, kind=kind, copier=copier
+        )
+        return self._offload_handle
 
     def enable_model_offload(
         self,
@@ -56,18 +91,14 @@ class OffloadMixin:
         adapter: Any | None = None,
         copier: Copier | None = None,
     ) -> OffloadHandle:
-        """Components (DiT, encoders, VAE) take turns on `device`: each is loaded just before it runs."""
-        self._check_can_enable()
+        """Components (DiT, encoders, VAE) take turns on `device`: each is loaded just before it runs.
+
+        `device=None` is the current accelerator (else the CPU, with a warning); `pin_memory=None` pins
+        the host copies when the device is an accelerator.
+        """
         adapter = _adapter_for(self, adapter)
-        modules = pipeline_modules(self)
-        self._offload_handle = apply_model_offload(
-            modules,
-            device,
-            pin_memory,
-            entry_methods=_entry_methods(adapter, modules),
-            copier=copier,
-        )
-        return self._offload_handle
+        placements = placements_for(adapter, _modules(self), denoiser="swapped")
+        return self._enable("model", placements, device, pin_memory, copier)
 
     def enable_layerwise_offload(
         self,
@@ -75,54 +106,27 @@ class OffloadMixin:
         *,
         prefetch: int = 1,
         resident_blocks: int | Sequence[int] = 0,
+        encoders: str = "swap",
         pin_memory: bool | None = None,
         adapter: Any | None = None,
         copier: Copier | None = None,
     ) -> OffloadHandle:
-        """Streams the DiT's blocks to `device` block by block; the other components take turns whole."""
-        self._check_can_enable()
-        adapter = _adapter_for(self, adapter)
-        modules = pipeline_modules(self)
-        denoiser = modules.get(adapter.denoiser)
-        if denoiser is None:
-            raise ValueError(
-                f"{type(self).__name__} has no component {adapter.denoiser!r} to stream "
-                f"(components: {sorted(modules)}). Declare an adapter (see docs/adding-a-model.md)."
-            )
-        # Validate everything before touching any weight: nothing is half-applied after an error.
-        ensure_not_offloaded(modules.values())
-        for path in adapter.block_lists:
-            resolve_block_list(denoiser, path)
-        device = resolve_device(device)
-        pin = resolve_pin_memory(pin_memory, device)
-        entry_methods = _entry_methods(adapter, modules)
-        others = {name: module for name, module in modules.items() if module is not denoiser}
+        """Streams the DiT's blocks to `device` block by block, `prefetch` blocks ahead.
 
-        handle = OffloadHandle("layerwise", device, pin)
-        try:
-            handle.children.append(
-                apply_layerwise_offload(
-                    denoiser, adapter.block_lists, device, prefetch, resident_blocks, pin, copier=copier
-                )
-            )
-            if others:
-                swap = apply_model_offload(
-                    others,
-                    device,
-                    pin,
-                    entry_methods={k: v for k, v in entry_methods.items() if k in others},
-                    copier=copier,
-                )
-                handle.children.append(swap)
-                # The DiT joins the swap set without weights: entering it pushes the encoders out.
-                swap_set = swap.swap_sets[0]
-                member = swap_set.add(SwapMember(adapter.denoiser, None))
-                attach_swap_entry(handle, denoiser, swap_set, member, entry_methods.get(adapter.denoiser, ()))
-        except BaseException:
-            handle.remove()
-            raise
-        self._offload_handle = handle
-        return handle
+        The DiT's other parts are on the device while it runs; encoders and VAE take turns with it
+        whole (`encoders="swap"`) or stream their layers too (`encoders="stream"`, for encoders larger
+        than the device). `resident_blocks`: how many blocks (spread evenly), or which, never stream.
+        """
+        adapter = _adapter_for(self, adapter)
+        placements = placements_for(
+            adapter,
+            _modules(self),
+            denoiser="streamed",
+            prefetch=prefetch,
+            resident_blocks=resident_blocks,
+            encoders=encoders,
+        )
+        return self._enable("layerwise", placements, device, pin_memory, copier)
 
     def disable_offload(self, device: str | torch.device | None = None) -> None:
         """Removes all offload hooks; weights become ordinary tensors again, bitwise as before.
@@ -160,9 +164,10 @@ class OffloadMixin:
         return super().save_pretrained(*args, **kwargs)  # type: ignore[misc]
 
 
-def _entry_methods(adapter: Any, modules: dict[str, torch.nn.Module]) -> dict[str, tuple[str, ...]]:
-    """The adapter's entry methods for the components this pipeline actually has."""
-    return {name: tuple(methods) for name, methods in adapter.entry_methods.items() if name in modules}
+def _modules(pipe: Any) -> dict[str, torch.nn.Module]:
+    from model_registry import pipeline_modules
+
+    return pipeline_modules(pipe)
 
 
 _MIXED_CLASSES: dict[type, type] = {}

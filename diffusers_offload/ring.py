@@ -42,15 +42,12 @@ class PrefetchRing:
         count = len(self.groups)
         self.lookahead = min(prefetch, count - 1)
         num_slots = self.lookahead + 1
+        self.device = device
+        self.num_slots = num_slots
         self.slot_bytes = max(group.nbytes for group in self.groups)
-        # Allocated once: no allocator traffic per block or per step.
-        self.slots = [
-            torch.empty(self.slot_bytes, dtype=torch.uint8, device=device) for _ in range(num_slots)
-        ]
-        # Precomputed at enable time so that the hot path only re-points (slicing costs microseconds).
-        self._views = [[group.views_into(slot) for slot in self.slots] for group in self.groups]
-        self._dst = [[slot[: group.nbytes] for slot in self.slots] for group in self.groups]
         self._src = [group.slab.data for group in self.groups]
+        self.slots: list[torch.Tensor] = []
+        self.allocate()
         self.slot_owner = [EMPTY] * num_slots
         self.slot_of = [EMPTY] * count
         self._copied = [copier.new_event() for _ in range(num_slots)]
@@ -62,9 +59,31 @@ class PrefetchRing:
     def device_bytes(self) -> int:
         return self.slot_bytes * len(self.slots)
 
+    def allocate(self) -> None:
+        """Allocates the slots (once; again only after `free`)."""
+        if self.slots:
+            return
+        # Allocated once: no allocator traffic per block or per step.
+        self.slots = [
+            torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)
+        ]
+        # Precomputed so that the hot path only re-points (slicing a view costs microseconds).
+        self._views = [[group.views_into(slot) for slot in self.slots] for group in self.groups]
+        self._dst = [[slot[: group.nbytes] for slot in self.slots] for group in self.groups]
+
+    def free(self) -> None:
+        """Evicts every block and gives the slots back to the allocator."""
+        self.evict_all()
+        for event in self._copied:
+            # The compute stream must not reuse a slot's memory before copies still in flight land in it.
+            self.copier.wait(event)
+        self.slots, self._views, self._dst = [], [], []
+
     def acquire(self, position: int) -> None:
         """Called before block `position` computes: its weights are in a slot once compute proceeds."""
         self.stats.calls += 1
+        if not self.slots:
+            self.allocate()
         slot = self.slot_of[position]
         if slot == EMPTY:
             slot = self._load(position, position)

@@ -1,4 +1,4 @@
-"""Byte sizes of pipeline components, split into streamable blocks, the resident remainder and host-only parts.
+"""Byte sizes of pipeline components: streamable blocks, the resident remainder and host-only parts.
 
 Sizes are ``numel * element_size`` of parameters and buffers, so they work on ``meta`` modules as well as real
 ones. A tensor reachable under several names (tied weights) is counted once.

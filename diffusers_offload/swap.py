@@ -5,21 +5,29 @@ from __future__ import annotations
 import torch
 
 from .packing import WeightGroup
+from .ring import PrefetchRing
 from .transfer import Copier
 
 
 class SwapMember:
-    """One component of a swap set. `group` is None for a member that holds no swappable weights
-    (e.g. a layer-wise streamed DiT, whose entry must still push the encoders out)."""
+    """One component of a swap set.
 
-    def __init__(self, name: str, group: WeightGroup | None) -> None:
+    `group` holds the weights loaded whole when the member is entered (a swapped component, or the
+    non-block part of a streamed one); `ring` streams a component's blocks and gives its slots back when
+    the member is evicted. A member with neither only pushes the others out when entered.
+    """
+
+    def __init__(self, name: str, group: WeightGroup | None = None, ring: PrefetchRing | None = None) -> None:
         self.name = name
         self.group = group
+        self.ring = ring
         self.device_buffer: torch.Tensor | None = None
 
     @property
-    def loaded(self) -> bool:
-        return self.group is None or self.device_buffer is not None
+    def device_bytes(self) -> int:
+        """Bytes this member holds on the device right now."""
+        own = self.device_buffer.numel() if self.device_buffer is not None else 0
+        return own + (self.ring.device_bytes if self.ring is not None else 0)
 
 
 class SwapSet:
@@ -44,8 +52,8 @@ class SwapSet:
         for other in self.members:
             if other is not member:
                 self._evict(other)
-        if member.group is not None and member.device_buffer is None:
-            group = member.group
+        group = member.group
+        if group is not None and member.device_buffer is None:
             # Allocated and filled on the compute stream: it is freed on eviction, and the caching
             # allocator may only hand the bytes out again after the work queued on that stream.
             buffer = torch.empty(group.nbytes, dtype=torch.uint8, device=self.device)
@@ -54,12 +62,16 @@ class SwapSet:
             member.device_buffer = buffer
             self.bytes_moved += group.nbytes
             self.loads += 1
+        if member.ring is not None:
+            member.ring.allocate()
         self.active = member
 
     def _evict(self, member: SwapMember) -> None:
         if member.group is not None and member.device_buffer is not None:
             member.group.offload()
             member.device_buffer = None
+        if member.ring is not None:
+            member.ring.free()
         if self.active is member:
             self.active = None
 

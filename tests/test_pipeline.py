@@ -72,8 +72,8 @@ def test_layerwise_offload_is_bitwise(pipe, reference, prefetch):
     blocks = pipe.transformer.transformer_blocks
 
     def while_encoding(name, leaf):
-        # The ring's slots may still hold the blocks they held last; never more than the ring.
-        assert sum(materialised(block) for block in blocks) <= prefetch + 1
+        # Entering an encoder pushed the whole DiT out: its rest and its ring's slots.
+        assert only_placeholders(pipe.transformer)
         assert materialised(pipe.text_encoder_3)
         assert only_placeholders(pipe.vae)
 
@@ -86,7 +86,7 @@ def test_layerwise_offload_is_bitwise(pipe, reference, prefetch):
         with on_every_leaf_forward(pipe.transformer, while_denoising):
             for _ in range(2):
                 assert torch.equal(generate(pipe), reference)
-    assert handle.children[0].rings[0].stats.calls == 2 * 2 * len(blocks)  # 2 calls x 2 steps
+    assert handle.rings[0].stats.calls == 2 * 2 * len(blocks)  # 2 calls x 2 steps
     pipe.disable_offload()
     assert_same_state(pipe, before)
 
@@ -200,3 +200,28 @@ def test_tied_t5_embeddings_are_packed_once(pipe):
     assert len(group.tensors) == len(unique)
     assert group.data_bytes == unique_bytes
     pipe.disable_offload()
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_streamed_encoders_are_bitwise_and_bounded(pipe, reference, prefetch):
+    handle = pipe.enable_layerwise_offload("cpu", prefetch=prefetch, encoders="stream")
+    streamed = {name: record.ring for name, record in handle.components.items() if record.ring is not None}
+    assert set(streamed) == {"transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    layers = {
+        "text_encoder": pipe.text_encoder.text_model.encoder.layers,
+        "text_encoder_3": pipe.text_encoder_3.encoder.block,
+    }
+
+    def bounded(name):
+        def check(leaf_name, leaf):
+            assert sum(materialised(layer) for layer in layers[name]) <= prefetch + 1
+            assert only_placeholders(pipe.transformer)
+
+        return check
+
+    with on_every_leaf_forward(pipe.text_encoder, bounded("text_encoder")):
+        with on_every_leaf_forward(pipe.text_encoder_3, bounded("text_encoder_3")):
+            assert torch.equal(generate(pipe), reference)
+    assert all(ring.stats.calls > 0 for ring in streamed.values())
+    pipe.disable_offload()
+    assert torch.equal(generate(pipe), reference)

@@ -1,0 +1,230 @@
+"""Applying a placement to a set of named components: resident, swapped or streamed.
+
+This is the mechanism under `enable_model_offload`, `enable_layerwise_offload` and `enable_offload`:
+the policy (which component gets which strategy) is decided before, by the caller or the planner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .devices import resolve_device, resolve_pin_memory
+from .handle import OffloadHandle, ensure_not_offloaded
+from .hooks import SWAP_ENTRY_HOOK, SwapEntryHook, register_hook, wrap_entry_method
+from .layerwise import (
+    build_ring,
+    check_prefetch,
+    move_resident,
+    pack_group,
+    partition_tensors,
+    resident_indices,
+    resolve_blocks,
+)
+from .packing import PlaceholderCache, check_packable, collect_tensors
+from .ring import PrefetchRing
+from .swap import SwapMember, SwapSet
+from .transfer import Copier, make_copier
+
+STRATEGIES = ("resident", "swapped", "streamed")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What to do with one component."""
+
+    strategy: str  # "resident" | "swapped" | "streamed"
+    block_lists: tuple[str, ...] = ()  # streamed: ModuleList paths, in execution order
+    resident_blocks: int | tuple[int, ...] = 0  # streamed: blocks loaded with the rest, not streamed
+    prefetch: int = 1
+    entry_methods: tuple[str, ...] = ()  # methods other than forward that enter the component
+    host_only: tuple[str, ...] = ()  # submodules left on the host, loaded only if called
+    resident_tensors: tuple[str, ...] = ()  # parameters/buffers read from outside the component
+
+
+@dataclass
+class ComponentRecord:
+    """What was done to one component, for reports and tests."""
+
+    name: str
+    module: torch.nn.Module
+    placement: Placement
+    member: SwapMember | None = None
+    ring: PrefetchRing | None = None
+    resident_bytes: int = 0
+    host_only: list[SwapSet] = field(default_factory=list)
+
+
+def _validate(named: Mapping[str, torch.nn.Module], placements: Mapping[str, Placement]) -> None:
+    if not named:
+        raise ValueError("Nothing to offload: no nn.Module components were given.")
+    if set(named) != set(placements):
+        raise ValueError(
+            f"placements must name exactly the components {sorted(named)}, got {sorted(placements)}."
+        )
+    if len({id(m) for m in named.values()}) != len(named):
+        raise ValueError("The same module is given twice; list each component once.")
+    for name, placement in placements.items():
+        module = named[name]
+        if placement.strategy not in STRATEGIES:
+            raise ValueError(
+                f"Component {name!r}: strategy must be one of {STRATEGIES}, got {placement.strategy!r}."
+            )
+        check_prefetch(placement.prefetch)
+        if placement.strategy == "streamed":
+            if not placement.block_lists:
+                raise ValueError(
+                    f"Component {name!r} cannot be streamed: no block lists are declared for it."
+                )
+            resident_indices(placement.resident_blocks, len(resolve_blocks(module, placement.block_lists)))
+        for method in placement.entry_methods:
+            if not callable(getattr(module, method, None)):
+                raise ValueError(f"Component {name!r} ({type(module).__name__}) has no method {method!r}.")
+        for path in (*placement.host_only, *placement.resident_tensors):
+            _resolve_attr(module, path, name)
+    ensure_not_offloaded(named.values())
+
+
+def _resolve_attr(module: torch.nn.Module, path: str, name: str) -> object:
+    target: object = module
+    for part in path.split("."):
+        target = getattr(target, part, None)
+    if target is None:
+        raise ValueError(f"Component {name!r} ({type(module).__name__}) has no attribute {path!r}.")
+    return target
+
+
+def apply_placements(
+    named: Mapping[str, torch.nn.Module],
+    placements: Mapping[str, Placement],
+    device: str | torch.device | None = None,
+    pin_memory: bool | None = None,
+    *,
+    kind: str = "custom",
+    copier: Copier | None = None,
+) -> OffloadHandle:
+    """Places each component as its `Placement` says; swapped and streamed ones form one swap set.
+
+    Everything is validated before any weight moves; a failure half-way undoes what was done.
+    """
+    _validate(named, placements)
+    device = resolve_device(device)
+    pin = resolve_pin_memory(pin_memory, device)
+    copier = copier or make_copier(device)
+    handle = OffloadHandle(kind, device, pin)
+    try:
+        _apply(handle, named, placements, copier)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _apply(
+    handle: OffloadHandle,
+    named: Mapping[str, torch.nn.Module],
+    placements: Mapping[str, Placement],
+    copier: Copier,
+) -> None:
+    device = handle.device
+    placeholders = PlaceholderCache(device)
+    swap_set = SwapSet(device, copier)
+    handle.swap_sets.append(swap_set)
+    records = {name: ComponentRecord(name, module, placements[name]) for name, module in named.items()}
+    handle.components = records
+
+    # Tensors the pipeline reads from outside a component, or that two components share, stay resident.
+    claimed: set[int] = set()
+    always: list[torch.Tensor] = []
+    for name, module in named.items():
+        for path in placements[name].resident_tensors:
+            tensor = _resolve_attr(module, path, name)
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in claimed:
+                claimed.add(id(tensor))
+                always.append(tensor)
+    seen: set[int] = set()
+    for module in named.values():
+        for tensor in collect_tensors([module], set()):
+            if id(tensor) in seen and id(tensor) not in claimed:
+                claimed.add(id(tensor))
+                always.append(tensor)
+            seen.add(id(tensor))
+    move_resident(handle, always, device)
+
+    for name, module in named.items():
+        record, placement = records[name], placements[name]
+        for path in placement.host_only:
+            record.host_only.append(
+                _host_only(
+                    handle, f"{name}.{path}", _resolve_attr(module, path, name), claimed, placeholders, copier
+                )
+            )
+        before = handle.resident_bytes
+        if placement.strategy == "resident":
+            move_resident(handle, collect_tensors([module], claimed), device)
+        elif placement.strategy == "swapped":
+            tensors = collect_tensors([module], claimed)
+            check_packable(tensors, name)
+            group = pack_group(handle, name, tensors, placeholders)
+            record.member = swap_set.add(SwapMember(name, group))
+        else:
+            blocks = resolve_blocks(module, placement.block_lists)
+            keep = resident_indices(placement.resident_blocks, len(blocks))
+            streamed = [block for i, block in enumerate(blocks) if i not in keep]
+            rest, block_tensors = partition_tensors(module, streamed, claimed)
+            for tensors in (rest, *block_tensors):
+                check_packable(tensors, name)
+                claimed.update(id(t) for t in tensors)
+            group = pack_group(handle, f"{name}.rest", rest, placeholders)
+            ring = (
+                build_ring(handle, streamed, block_tensors, placement.prefetch, placeholders, copier)
+                if streamed
+                else None
+            )
+            if ring is not None:
+                ring.free()  # slots are allocated when the component is entered
+            record.ring = ring
+            record.member = swap_set.add(SwapMember(name, group, ring))
+        record.resident_bytes = handle.resident_bytes - before
+        if record.member is not None:
+            attach_entry(handle, module, swap_set, record.member, placement.entry_methods)
+        handle.mark(module)
+    # Undone first: every member back on placeholders before the groups restore their storage.
+    handle.on_remove(lambda _target: swap_set.evict_all())
+
+
+def _host_only(
+    handle: OffloadHandle,
+    name: str,
+    submodule: object,
+    claimed: set[int],
+    placeholders: PlaceholderCache,
+    copier: Copier,
+) -> SwapSet:
+    """A submodule kept on the host and loaded (for good) the first time it is called."""
+    if not isinstance(submodule, torch.nn.Module):
+        raise ValueError(f"host_only entry {name!r} is not a module.")
+    tensors = collect_tensors([submodule], claimed)
+    check_packable(tensors, name)
+    own_set = SwapSet(handle.device, copier)
+    member = own_set.add(SwapMember(name, pack_group(handle, name, tensors, placeholders)))
+    attach_entry(handle, submodule, own_set, member, ())
+    handle.on_remove(lambda _target: own_set.evict_all())
+    return own_set
+
+
+def attach_entry(
+    handle: OffloadHandle,
+    module: torch.nn.Module,
+    swap_set: SwapSet,
+    member: SwapMember,
+    methods: Sequence[str],
+) -> None:
+    """Hooks `forward` and each of `methods` so that calling them makes `member` the active one."""
+    remove = register_hook(module, SwapEntryHook(swap_set, member), SWAP_ENTRY_HOOK)
+    handle.on_remove(lambda _target: remove())
+    for method in methods:
+        undo = wrap_entry_method(module, method, lambda: swap_set.enter(member))
+        handle.on_remove(lambda _target, undo=undo: undo())
