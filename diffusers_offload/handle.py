@@ -51,6 +51,7 @@ class OffloadHandle:
         self.swap_sets: list[SwapSet] = []
         self.resident_bytes = 0
         self.components: dict[str, Any] = {}  # name -> placement.ComponentRecord
+        self.plan: Any = None  # the planning.Plan that chose the placement, if any
         self._undo: list[Undo] = []
         self.removed = False
 

@@ -77,7 +77,7 @@ def build_meta_components(
     if not folder.is_dir():
         shipped = shipped_config_dir(str(model))
         if shipped is None:
-            known = "\n  ".join(f"{hub_id} (or {folder})" for hub_id, folder in SHIPPED_MODELS.items())
+            known = "\n  ".join(f"{hub_id} (or {short})" for hub_id, short in SHIPPED_MODELS.items())
             raise ValueError(
                 f"unknown model {str(model)!r}. Shipped configs:\n  {known}\n"
                 "A local folder also works: diffusers layout (model_index.json + <component>/config.json), "

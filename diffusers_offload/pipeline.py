@@ -7,9 +7,16 @@ from typing import Any
 
 import torch
 
+from .budget import parse_bytes
+from .devices import is_accelerator, resolve_device
 from .handle import OffloadHandle
 from .placement import Placement, apply_placements
+from .planning import DEFAULT_RESERVE, Plan, plan_offload
+from .report import OffloadReport, build_report
 from .transfer import Copier
+
+# Left free when no budget is given: the CUDA context, other processes' allocations, fragmentation.
+FREE_MEMORY_MARGIN = 0.9
 
 ENCODER_POLICIES = ("swap", "stream")
 
@@ -57,6 +64,60 @@ def placements_for(
     return placements
 
 
+def placements_from_plan(
+    adapter: Any, modules: dict[str, torch.nn.Module], plan: Plan
+) -> dict[str, Placement]:
+    """Placements that carry out a planner's `Plan` (block indices refer to the adapter's block lists)."""
+    placements = {}
+    for name in modules:
+        chosen = plan.component(name)
+        common = dict(
+            entry_methods=tuple(adapter.entry_methods.get(name, ())),
+            host_only=tuple(adapter.host_only.get(name, ())),
+            resident_tensors=tuple(adapter.resident_tensors.get(name, ())),
+        )
+        if chosen.strategy == "streamed":
+            placements[name] = Placement(
+                "streamed",
+                tuple(adapter.block_paths(name)),
+                tuple(chosen.resident_blocks),
+                chosen.prefetch,
+                **common,
+            )
+        else:
+            placements[name] = Placement(chosen.strategy, **common)
+    return placements
+
+
+def plan_for_pipeline(
+    pipe: Any,
+    vram_budget: int | str | None,
+    device: torch.device,
+    *,
+    strategy: str,
+    prefetch: int = 1,
+    reserve: int | str = DEFAULT_RESERVE,
+    adapter: Any | None = None,
+) -> Plan:
+    """Plans `pipe`'s placement on `device` within `vram_budget` (None: the device's free memory)."""
+    from .sizing import measure_components
+
+    adapter = _adapter_for(pipe, adapter)
+    total = None
+    if is_accelerator(device):
+        free, total = torch.accelerator.get_memory_info(device)
+        if vram_budget is None:
+            vram_budget = int(free * FREE_MEMORY_MARGIN)
+    elif vram_budget is None or (isinstance(vram_budget, str) and vram_budget.strip().endswith("%")):
+        raise ValueError(
+            f"The execution device is {device}, which reports no memory size: pass vram_budget as bytes or a "
+            'string such as "8GiB".'
+        )
+    budget = parse_bytes(vram_budget, total=total)
+    sizes = measure_components(adapter.components(pipe), adapter)
+    return plan_offload(sizes, budget, reserve=reserve, prefetch=prefetch, strategy=strategy)
+
+
 def _as_tuple(resident_blocks: int | Sequence[int]) -> int | tuple[int, ...]:
     return resident_blocks if isinstance(resident_blocks, int) else tuple(resident_blocks)
 
@@ -71,17 +132,61 @@ class OffloadMixin:
         """The active offload handle, or None when offloading is disabled."""
         return self._offload_handle
 
-    def _enable(self, kind: str, placements: dict[str, Placement], device: Any, pin_memory: Any, copier: Any):
+    def _enable(
+        self,
+        kind: str,
+        placements: dict[str, Placement],
+        device: Any,
+        pin_memory: Any,
+        copier: Any,
+        plan: Plan | None = None,
+    ) -> OffloadHandle:
+        self._check_not_enabled()
+        modules = _modules(self)
+        handle = apply_placements(modules, placements, device, pin_memory, kind=kind, copier=copier)
+        handle.plan = plan
+        self._offload_handle = handle
+        return handle
+
+    def _check_not_enabled(self) -> None:
         if self._offload_handle is not None:
             raise RuntimeError(
                 f"Offloading ({self._offload_handle.kind}) is already enabled on this pipeline. "
                 "Call pipe.disable_offload() first to switch strategy."
             )
-        modules = _modules(self)
-        self._offload_handle = apply_placements(
-            modules, placements, device, pin_memory, kind=kind, copier=copier
+
+    def enable_offload(
+        self,
+        vram_budget: int | str | None = None,
+        device: str | torch.device | None = None,
+        *,
+        prefetch: int = 1,
+        reserve: int | str = DEFAULT_RESERVE,
+        pin_memory: bool | None = None,
+        adapter: Any | None = None,
+        copier: Copier | None = None,
+    ) -> OffloadHandle:
+        """Picks the fastest placement that fits `vram_budget`: everything resident if it fits, else model
+        swap, else layer-wise streaming with as many blocks resident as fit.
+
+        `vram_budget`: bytes, or a string such as "8GiB", "7.5GB" or "75%" (of the device's memory);
+        `None` takes the device's free memory less a margin. `reserve` is kept free for activations.
+        Raises ValueError naming the minimum when the budget cannot hold it.
+        """
+        self._check_not_enabled()
+        adapter = _adapter_for(self, adapter)
+        device = resolve_device(device)
+        plan = plan_for_pipeline(
+            self, vram_budget, device, strategy="auto", prefetch=prefetch, reserve=reserve, adapter=adapter
         )
-        return self._offload_handle
+        placements = placements_from_plan(adapter, _modules(self), plan)
+        return self._enable("auto", placements, device, pin_memory, copier, plan)
+
+    def offload_report(self) -> OffloadReport:
+        """What is where and what has moved so far; `print()` it, or show it in a notebook."""
+        if self._offload_handle is None:
+            raise RuntimeError("Offloading is not enabled on this pipeline; there is nothing to report.")
+        return build_report(self._offload_handle, self._offload_handle.plan)
 
     def enable_model_offload(
         self,
@@ -96,6 +201,7 @@ class OffloadMixin:
         `device=None` is the current accelerator (else the CPU, with a warning); `pin_memory=None` pins
         the host copies when the device is an accelerator.
         """
+        self._check_not_enabled()
         adapter = _adapter_for(self, adapter)
         placements = placements_for(adapter, _modules(self), denoiser="swapped")
         return self._enable("model", placements, device, pin_memory, copier)
@@ -107,6 +213,8 @@ class OffloadMixin:
         prefetch: int = 1,
         resident_blocks: int | Sequence[int] = 0,
         encoders: str = "swap",
+        vram_budget: int | str | None = None,
+        reserve: int | str = DEFAULT_RESERVE,
         pin_memory: bool | None = None,
         adapter: Any | None = None,
         copier: Copier | None = None,
@@ -116,8 +224,28 @@ class OffloadMixin:
         The DiT's other parts are on the device while it runs; encoders and VAE take turns with it
         whole (`encoders="swap"`) or stream their layers too (`encoders="stream"`, for encoders larger
         than the device). `resident_blocks`: how many blocks (spread evenly), or which, never stream.
+        With `vram_budget` ("8GiB", ...) the planner chooses the resident blocks (and streams encoders
+        that cannot fit whole) instead.
         """
+        self._check_not_enabled()
         adapter = _adapter_for(self, adapter)
+        if vram_budget is not None:
+            if resident_blocks != 0 or encoders != "swap":
+                raise ValueError(
+                    "Pass either vram_budget or resident_blocks/encoders, not both: the planner picks them."
+                )
+            device = resolve_device(device)
+            plan = plan_for_pipeline(
+                self,
+                vram_budget,
+                device,
+                strategy="layerwise",
+                prefetch=prefetch,
+                reserve=reserve,
+                adapter=adapter,
+            )
+            placements = placements_from_plan(adapter, _modules(self), plan)
+            return self._enable("layerwise", placements, device, pin_memory, copier, plan)
         placements = placements_for(
             adapter,
             _modules(self),

@@ -23,7 +23,7 @@ from .layerwise import (
     resident_indices,
     resolve_blocks,
 )
-from .packing import PlaceholderCache, check_packable, collect_tensors
+from .packing import PlaceholderCache, WeightGroup, check_packable, collect_tensors
 from .ring import PrefetchRing
 from .swap import SwapMember, SwapSet
 from .transfer import Copier, make_copier
@@ -54,6 +54,7 @@ class ComponentRecord:
     member: SwapMember | None = None
     ring: PrefetchRing | None = None
     resident_bytes: int = 0
+    groups: list[WeightGroup] = field(default_factory=list)  # every host slab of this component
     host_only: list[SwapSet] = field(default_factory=list)
 
 
@@ -135,33 +136,34 @@ def _apply(
     records = {name: ComponentRecord(name, module, placements[name]) for name, module in named.items()}
     handle.components = records
 
-    # Tensors the pipeline reads from outside a component, or that two components share, stay resident.
+    # Tensors the pipeline reads from outside a component, or that two components share, stay resident
+    # (counted with the first component that has them).
     claimed: set[int] = set()
-    always: list[torch.Tensor] = []
+    always: dict[str, list[torch.Tensor]] = {name: [] for name in named}
     for name, module in named.items():
         for path in placements[name].resident_tensors:
             tensor = _resolve_attr(module, path, name)
             if isinstance(tensor, torch.Tensor) and id(tensor) not in claimed:
                 claimed.add(id(tensor))
-                always.append(tensor)
-    seen: set[int] = set()
-    for module in named.values():
+                always[name].append(tensor)
+    first_owner: dict[int, str] = {}
+    for name, module in named.items():
         for tensor in collect_tensors([module], set()):
-            if id(tensor) in seen and id(tensor) not in claimed:
+            owner = first_owner.setdefault(id(tensor), name)
+            if owner != name and id(tensor) not in claimed:
                 claimed.add(id(tensor))
-                always.append(tensor)
-            seen.add(id(tensor))
-    move_resident(handle, always, device)
+                always[owner].append(tensor)
 
     for name, module in named.items():
         record, placement = records[name], placements[name]
+        before, first_group = handle.resident_bytes, len(handle.groups)
+        move_resident(handle, always[name], device)
         for path in placement.host_only:
             record.host_only.append(
                 _host_only(
                     handle, f"{name}.{path}", _resolve_attr(module, path, name), claimed, placeholders, copier
                 )
             )
-        before = handle.resident_bytes
         if placement.strategy == "resident":
             move_resident(handle, collect_tensors([module], claimed), device)
         elif placement.strategy == "swapped":
@@ -188,6 +190,7 @@ def _apply(
             record.ring = ring
             record.member = swap_set.add(SwapMember(name, group, ring))
         record.resident_bytes = handle.resident_bytes - before
+        record.groups = handle.groups[first_group:]
         if record.member is not None:
             attach_entry(handle, module, swap_set, record.member, placement.entry_methods)
         handle.mark(module)

@@ -83,7 +83,7 @@ def measure_component(name: str, module: nn.Module, adapter: ModelAdapter) -> Co
         # one shared by a host-only part and anything else cannot stay on the host.
         if where == {_HOST}:
             host_bytes += sizes[key]
-        elif len(where) == 1 and _OTHER not in where and _HOST not in where:
+        elif len(where) == 1 and _OTHER not in where:
             block_bytes[next(iter(where))] += sizes[key]
         else:
             other_bytes += sizes[key]

@@ -22,6 +22,8 @@ class SwapMember:
         self.group = group
         self.ring = ring
         self.device_buffer: torch.Tensor | None = None
+        self.loads = 0
+        self.bytes_moved = 0
 
     @property
     def device_bytes(self) -> int:
@@ -38,8 +40,6 @@ class SwapSet:
         self.copier = copier
         self.members: list[SwapMember] = []
         self.active: SwapMember | None = None
-        self.bytes_moved = 0
-        self.loads = 0
 
     def add(self, member: SwapMember) -> SwapMember:
         self.members.append(member)
@@ -60,8 +60,8 @@ class SwapSet:
             self.copier.copy_now(buffer, group.slab.data)
             group.point_to(group.views_into(buffer))
             member.device_buffer = buffer
-            self.bytes_moved += group.nbytes
-            self.loads += 1
+            member.bytes_moved += group.nbytes
+            member.loads += 1
         if member.ring is not None:
             member.ring.allocate()
         self.active = member

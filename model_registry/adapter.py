@@ -1,12 +1,8 @@
 """The per-model declaration consumed by the offload machinery.
 
 An adapter names pipeline attributes and dotted module paths; it knows nothing of devices, streams or hooks.
-Path conventions used by every field:
-
-- a block-list or host-only path is dotted from the component root (``"model.language_model.layers"``);
-  ``"a|b"`` lists alternatives tried in order, for layouts that moved between library versions;
-- an entry method is a method name on the component (``"encode"``) or on one of its submodules
-  (``"image_head.sample"``, ``"image_in_projector.forward"``).
+Block-list, host-only and resident-tensor paths are dotted from the component root
+(``"model.language_model.layers"``); entry methods are plain method names of the component (``"encode"``).
 """
 
 from __future__ import annotations
@@ -18,8 +14,6 @@ from types import MappingProxyType
 from typing import Any
 
 from torch import nn
-
-ROLES = ("denoiser", "encoder", "vae", "other")
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = re.compile(rf"^(?:{_IDENT}|\d+)(?:\.(?:{_IDENT}|\d+))*$")
@@ -37,9 +31,8 @@ def _freeze_paths(value: Any, what: str) -> tuple[str, ...]:
 
 
 def _check_dotted(path: str, what: str) -> None:
-    for alt in path.split("|"):
-        if not _DOTTED.match(alt):
-            raise ValueError(f"{what}: {path!r} is not a dotted attribute path")
+    if not _DOTTED.match(path):
+        raise ValueError(f"{what}: {path!r} is not a dotted attribute path")
 
 
 def _freeze_mapping(value: Mapping[str, Iterable[str]], what: str) -> Mapping[str, tuple[str, ...]]:
@@ -70,22 +63,19 @@ def describe_module_lists(module: nn.Module, limit: int = 12) -> str:
     return ", ".join(shown) + more
 
 
-def resolve_path(module: nn.Module, path: str) -> str:
-    """The first alternative of ``path`` (``"a|b"``) that names a submodule of ``module``.
+def resolve_path(module: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path`` inside ``module``.
 
     Raises:
-        ValueError: naming each alternative tried and the ModuleLists that do exist.
+        ValueError: naming the missing path and the ModuleLists that do exist.
     """
-    for alt in path.split("|"):
-        try:
-            module.get_submodule(alt)
-        except AttributeError:
-            continue
-        return alt
-    raise ValueError(
-        f"{type(module).__name__} has no submodule {path!r}; "
-        f"its ModuleLists are: {describe_module_lists(module)}"
-    )
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        raise ValueError(
+            f"{type(module).__name__} has no submodule {path!r}; "
+            f"its ModuleLists are: {describe_module_lists(module)}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -145,8 +135,11 @@ class ModelAdapter:
                     _check_dotted(path, f"adapter {self.name!r} {attr}[{key!r}]")
         for key, methods in self.entry_methods.items():
             for method in methods:
-                if not _DOTTED.match(method):
-                    raise ValueError(f"adapter {self.name!r} entry_methods[{key!r}]: bad method {method!r}")
+                # The hooks wrap `getattr(component, method)`: submodule methods cannot be declared.
+                if not re.fullmatch(_IDENT, method):
+                    raise ValueError(
+                        f"adapter {self.name!r} entry_methods[{key!r}]: {method!r} is not a method name"
+                    )
         if self.denoiser in self.encoders or (
             self.vae is not None and self.vae in (self.denoiser, *self.encoders)
         ):
@@ -173,7 +166,7 @@ class ModelAdapter:
         return "other"
 
     def block_paths(self, attr: str) -> tuple[str, ...]:
-        """Declared block-list paths of a component (may contain ``|`` alternatives)."""
+        """Declared block-list paths of a component: the denoiser's block_lists or its encoders entry."""
         if attr == self.denoiser:
             return self.block_lists
         return self.encoders.get(attr, ())
@@ -210,26 +203,21 @@ class ModelAdapter:
         Raises:
             ValueError: naming the missing path and the ModuleLists that do exist.
         """
-        concrete = resolve_path(module, path)
-        sub = module.get_submodule(concrete)
+        sub = resolve_path(module, path)
         if not isinstance(sub, nn.ModuleList):
             raise ValueError(
-                f"{type(module).__name__}.{concrete} is a {type(sub).__name__}, not an nn.ModuleList; "
+                f"{type(module).__name__}.{path} is a {type(sub).__name__}, not an nn.ModuleList; "
                 f"its ModuleLists are: {describe_module_lists(module)}"
             )
         return sub
 
     def block_lists_of(self, attr: str, module: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-        """``(concrete path, ModuleList)`` for each declared block list of a component, in execution order."""
-        return [(resolve_path(module, p), self.blocks(module, p)) for p in self.block_paths(attr)]
+        """``(path, ModuleList)`` for each declared block list of a component, in execution order."""
+        return [(path, self.blocks(module, path)) for path in self.block_paths(attr)]
 
     def host_only_of(self, attr: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
-        """``(concrete path, submodule)`` for each host-only submodule declared for a component."""
-        out = []
-        for path in self.host_only.get(attr, ()):
-            concrete = resolve_path(module, path)
-            out.append((concrete, module.get_submodule(concrete)))
-        return out
+        """``(path, submodule)`` for each host-only submodule declared for a component."""
+        return [(path, resolve_path(module, path)) for path in self.host_only.get(attr, ())]
 
     def validate(self, pipe_or_components: Any, *, check_entry_methods: bool = True) -> dict[str, nn.Module]:
         """Resolve every declared path against real (or meta) modules; return :meth:`components`.
@@ -261,12 +249,7 @@ class ModelAdapter:
                     problems.append(f"{attr}: no parameter or buffer {path!r}")
             if check_entry_methods:
                 for method in self.entry_methods.get(attr, ()):
-                    owner, _, leaf = method.rpartition(".")
-                    try:
-                        holder = module.get_submodule(owner) if owner else module
-                    except AttributeError:
-                        holder = None
-                    if holder is None or not callable(getattr(holder, leaf, None)):
+                    if not callable(getattr(module, method, None)):
                         problems.append(f"{attr}: no entry method {method!r} on {type(module).__name__}")
         if problems:
             raise ValueError(f"adapter {self.name!r} does not fit this pipeline:\n  " + "\n  ".join(problems))

@@ -1,11 +1,11 @@
 """Best-effort adapter for pipelines nobody declared.
 
-Rules, in order: the DiT is ``pipe.transformer``, else ``pipe.unet``, else the largest module component that
-is neither a ``text_encoder*`` nor the VAE. Its blocks are the outermost ModuleLists whose entries are all of a
-class named in the DiT class's ``_repeated_blocks``, else in ``_no_split_modules``, else the largest ModuleList
-of identical-class entries. Block lists are taken in registration order, which the generic rules assume to be
-the execution order. Encoders are the ``text_encoder*`` components, each streamed through its largest
-ModuleList of identical-class entries (one list only: a VLM's vision tower is often not run at all).
+Rules, in order: the DiT is ``pipe.transformer``, else ``pipe.unet``, else the largest module component
+that is neither a ``text_encoder*`` nor the VAE. Its blocks are the outermost ModuleLists whose entries are
+all of a class named in the DiT class's ``_repeated_blocks``, else in ``_no_split_modules``, else the largest
+ModuleList of identical-class entries. Block lists are taken in registration order, which the generic rules
+assume to be the execution order. Encoders are the ``text_encoder*`` components, each streamed through its
+largest ModuleList of identical-class entries (one list only: a VLM's vision tower is often not run at all).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _example(
         f'        name="{pipeline_class.lower()}",\n'
         f'        pipeline_classes=("{pipeline_class}",),\n'
         f'        denoiser="{denoiser or "transformer"}",\n'
-        f'        block_lists=("{hint}",),  # dotted nn.ModuleList paths inside the denoiser, in execution order\n'
+        f'        block_lists=("{hint}",),  # nn.ModuleList paths in the denoiser, in execution order\n'
         "        encoders={\n"
         f"{encoder_lines}"
         "        },\n"
@@ -122,8 +122,8 @@ def generic_adapter(pipe: Any, *, pipeline_class: str | None = None) -> ModelAda
         found = describe_module_lists(modules[denoiser])
         raise ValueError(
             f"{pipeline_class}: no adapter registered and the generic rules found no block list in "
-            f"{denoiser} ({type(modules[denoiser]).__name__}: no _repeated_blocks, no _no_split_modules match, "
-            f"no ModuleList of identical blocks; ModuleLists: {found}).\n"
+            f"{denoiser} ({type(modules[denoiser]).__name__}: no _repeated_blocks or _no_split_modules "
+            f"match, no ModuleList of identical blocks; ModuleLists: {found}).\n"
             + _example(pipeline_class, denoiser, encoder_attrs, vae, "blocks")
         )
     encoders = {}

@@ -6,7 +6,8 @@ Verified against diffusers 0.42.1 / transformers 5.24 on meta-built modules.
 from .adapter import ModelAdapter
 from .registry import register_adapter
 
-_QWEN25VL_LAYERS = "model.language_model.layers|model.layers"
+# Qwen2_5_VLForConditionalGeneration in transformers 5.24 (and >= 4.52); 4.51 had model.layers and visual.
+_QWEN25VL_LAYERS = "model.language_model.layers"
 
 _NOTES = (
     "The text encoder is also entered through generate() for prompt rewriting (enable_prompt_rewrite, on by "
@@ -24,7 +25,7 @@ LONGCAT_IMAGE = register_adapter(
         vae="vae",
         entry_methods={"text_encoder": ("generate",), "vae": ("encode", "decode")},
         # Text-to-image never passes pixel_values (rewriting is text-only), so the vision tower never runs.
-        host_only={"text_encoder": ("model.visual|visual",)},
+        host_only={"text_encoder": ("model.visual",)},
         prefer_resident_encoders=("text_encoder",),
         notes=_NOTES,
     )

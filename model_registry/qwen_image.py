@@ -7,9 +7,9 @@ pipelines never pass pixel_values, so the vision tower is never run; the edit/la
 from .adapter import ModelAdapter
 from .registry import register_adapter
 
-# transformers >= 4.52 nests the decoder under model.language_model; 4.51 had it at model.layers.
-_QWEN25VL_LAYERS = "model.language_model.layers|model.layers"
-_QWEN25VL_VISUAL = "model.visual|visual"
+# Qwen2_5_VLForConditionalGeneration in transformers 5.24 (and >= 4.52); 4.51 had model.layers and visual.
+_QWEN25VL_LAYERS = "model.language_model.layers"
+_QWEN25VL_VISUAL = "model.visual"
 
 QWEN_IMAGE = register_adapter(
     ModelAdapter(

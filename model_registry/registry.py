@@ -31,8 +31,8 @@ def register_adapter(adapter: ModelAdapter, *, overwrite: bool = False) -> Model
     if not overwrite:
         if old is not None:
             raise ValueError(
-                f"an adapter named {adapter.name!r} is already registered (serving {', '.join(old.pipeline_classes)}); "
-                "pass overwrite=True to replace it"
+                f"an adapter named {adapter.name!r} is already registered "
+                f"(serving {', '.join(old.pipeline_classes)}); pass overwrite=True to replace it"
             )
         taken = {cls: _BY_CLASS[cls] for cls in adapter.pipeline_classes if cls in _BY_CLASS}
         if taken:

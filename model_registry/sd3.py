@@ -21,16 +21,16 @@ SD3 = register_adapter(
             "text_encoder": ("text_model.encoder.layers",),  # CLIPTextModelWithProjection
             "text_encoder_2": ("text_model.encoder.layers",),
             "text_encoder_3": ("encoder.block",),  # T5EncoderModel; `shared` is tied to encoder.embed_tokens
-            # optional SiglipVisionModel (IP-Adapter); transformers 5 flattened vision_model away
-            "image_encoder": ("vision_model.encoder.layers|encoder.layers",),
+            # optional SiglipVisionModel (IP-Adapter); transformers 5 dropped the `vision_model.` level
+            "image_encoder": ("encoder.layers",),
         },
         vae="vae",
         entry_methods={"vae": ("encode", "decode")},
         notes=(
             "text_encoder_3 (T5) and image_encoder may be None. Skip-layer guidance (skip_guidance_layers, "
             "SD3.5-medium's default recipe) skips some transformer_blocks on the guidance pass: a streaming "
-            "schedule keyed on block calls must tolerate blocks that are not called. SD3.5 stores a persistent "
-            "pos_embed buffer outside the blocks (226.5M elements for medium, 89.7M for large)."
+            "schedule keyed on block calls must tolerate blocks that are not called. SD3.5 stores a "
+            "persistent pos_embed buffer outside the blocks (226.5M elements for medium, 89.7M for large)."
         ),
     )
 )

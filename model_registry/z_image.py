@@ -20,9 +20,10 @@ Z_IMAGE = register_adapter(
         notes=(
             "x_pad_token and cap_pad_token are parameters of the transformer root itself (not of a child "
             "module); they are used inside forward and belong to the non-block remainder. Not served here: "
-            "ZImageControlNet*Pipeline (its controlnet shares noise_refiner, context_refiner and the embedders "
-            "with the transformer via ZImageControlNetModel.from_transformer) and ZImageOmniPipeline (adds "
-            "siglip_refiner, run only when SigLIP features are given, and a `siglip` encoder)."
+            "ZImageControlNet*Pipeline (its controlnet shares noise_refiner, context_refiner and the "
+            "embedders with the transformer via ZImageControlNetModel.from_transformer) and "
+            "ZImageOmniPipeline (adds siglip_refiner, run only when SigLIP features are given, and a "
+            "`siglip` encoder)."
         ),
     )
 )

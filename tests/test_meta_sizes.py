@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 import time
 
@@ -135,6 +136,22 @@ def test_local_folder_in_diffusers_layout(tmp_path):
     assert class_name == "LongCatImagePipeline"
     # `transformer` is missing from the published model_index.json but has its own subfolder
     assert set(comps) == {"text_encoder", "vae", "transformer"}
+
+    # non-model folders are skipped, declared or not; a declared class the library lacks is an error
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_processor"] = ["transformers", "Qwen2VLProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    for sub, config in {
+        "text_processor": {},
+        "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler"},
+    }.items():
+        (folder / sub).mkdir()
+        (folder / sub / "config.json").write_text(json.dumps(config))
+    assert set(build_meta_components(folder)[1]) == {"text_encoder", "vae", "transformer"}
+    index["vae"] = ["diffusers", "AutoencoderKLFromTheFuture"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="has no class 'AutoencoderKLFromTheFuture'"):
+        build_meta_components(folder)
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no model_index.json"):

@@ -1,4 +1,4 @@
-"""Adapter registry: lookup, registration, generic fallback, and the shipped declarations against real classes."""
+"""Adapter registry: lookup, registration, generic fallback, shipped declarations against real classes."""
 
 from __future__ import annotations
 
@@ -119,6 +119,8 @@ def test_adapter_validates_its_declaration():
         ModelAdapter(name="x", pipeline_classes=("P",), block_lists=("layers[0]",))
     with pytest.raises(ValueError, match="must be distinct"):
         ModelAdapter(name="x", pipeline_classes=("P",), encoders={"transformer": ()})
+    with pytest.raises(ValueError, match="is not a method name"):
+        ModelAdapter(name="x", pipeline_classes=("P",), entry_methods={"model": ("image_head.sample",)})
     with pytest.raises(ValueError, match="non-encoders"):
         ModelAdapter(name="x", pipeline_classes=("P",), prefer_resident_encoders=("text_encoder",))
     adapter = ModelAdapter(name="x", pipeline_classes=["P"], encoders={"text_encoder": ["layers"]})
@@ -289,11 +291,28 @@ def test_nextstep_declaration():
     assert adapter.denoiser == "model" and adapter.block_lists == ("layers",)
     assert adapter.prefer_resident_blocks and "per token" in adapter.notes
     assert adapter.host_only == {"model": ("lm_head",)}
-    assert {"forward_model", "image_head.sample"} <= set(adapter.entry_methods["model"])
+    assert adapter.entry_methods["model"] == ("forward_model", "prepare_inputs_embeds")
     for name in ("embed_tokens", "norm", "lm_head", "image_in_projector", "image_out_projector"):
         assert isinstance(getattr(model, name), nn.Module)
     assert len(model.image_head.net.res_blocks) == 12
     assert model.gen_pos_embed.shape == (1, 64 * 64, 5120)
+
+
+def test_nextstep_declaration_fits_the_standin_pipeline():
+    standin = pytest.importorskip("nextstep_standin")  # tests/nextstep_standin.py mimics upstream NextStep-1
+    pipe = standin.build_tiny_nextstep_pipeline()
+    adapter = get_adapter(pipe)
+    assert adapter.name == "nextstep"
+    assert set(adapter.validate(pipe)) == {"model", "vae"}  # paths, host-only, gen_pos_embed, methods
+
+
+def test_sd3_image_encoder_path_in_installed_transformers():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    with torch.device("meta"):
+        siglip = SiglipVisionModel(SiglipVisionConfig(num_hidden_layers=3))
+    adapter = get_adapter("StableDiffusion3Pipeline")
+    assert [len(ml) for _, ml in adapter.block_lists_of("image_encoder", siglip)] == [3]
 
 
 # ------------------------------------------------------------------------------------- execution order
@@ -329,9 +348,9 @@ def _tiny_dits():
     yield (
         "StableDiffusion3Pipeline",
         diffusers.SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
-            pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+            out_channels=4, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
         ),
         dict(
             hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 5, 16),

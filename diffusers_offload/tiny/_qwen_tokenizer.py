@@ -1,14 +1,14 @@
-"""Offline tiny byte-level BPE tokenizer laid out like Qwen2/Qwen2.5/Qwen3's, for the tiny Qwen-family pipelines.
+"""Offline tiny byte-level BPE tokenizer laid out like Qwen2/Qwen2.5/Qwen3's, for the tiny Qwen pipelines.
 
-Same pipeline as the real tokenizer: NFC, Qwen's split regex, byte-level BPE without subword prefix/suffix, and
-special tokens appended after the BPE vocabulary. The merges are learned with ``tokenizers.trainers.BpeTrainer``
-on the prompt templates that QwenImage, Z-Image, LongCat-Image and Ovis-Image hard-code, so every template word
-is one token, as it is in the real 151k vocabulary. That matters: QwenImage drops the first 34 template tokens
-(``prompt_template_encode_start_idx``) and Ovis-Image the first 28 (``user_prompt_begin_id``); with a vocabulary
-that split template words differently those cuts would land in the wrong place.
+Same pipeline as the real tokenizer: NFC, Qwen's split regex, byte-level BPE without subword prefix/suffix,
+special tokens appended after the BPE vocabulary. The merges are learned with ``tokenizers``' BpeTrainer on
+the prompt templates that QwenImage, Z-Image, LongCat-Image and Ovis-Image hard-code, so every template word
+is one token, as in the real 151k vocabulary. That matters: QwenImage drops the first 34 template tokens
+(``prompt_template_encode_start_idx``) and Ovis-Image the first 28 (``user_prompt_begin_id``); a vocabulary
+that split template words differently would move those cuts.
 
-BpeTrainer is deterministic here: its run-to-run id variation (tokenizers#1794) only hits continuing-subword or
-end-of-word tokens, which this layout does not have, and the byte alphabet is sorted before ids are assigned.
+BpeTrainer is deterministic here: its run-to-run id drift (tokenizers#1794) only hits continuing-subword and
+end-of-word tokens, which this layout does not have, and it sorts the byte alphabet before numbering it.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ __all__ = [
     "build_tiny_qwen_tokenizer",
 ]
 
-# Copies of the strings the diffusers pipelines set in __init__ (tests check they still match).
+# Copies of the strings the diffusers pipelines set in __init__ (the tests check they still match).
 QWEN_IMAGE_PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
     "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
 OVIS_SYSTEM_PROMPT = (
-    "Describe the image by detailing the color, quantity, text, shape, size, texture, spatial relationships of "
-    "the objects and background: "
+    "Describe the image by detailing the color, quantity, text, shape, size, texture, spatial relationships "
+    "of the objects and background: "
 )
 LONGCAT_PROMPT_PREFIX = (
     "<|im_start|>system\nAs an image captioning expert, generate a descriptive text prompt based on an image "
@@ -48,8 +48,8 @@ LONGCAT_PROMPT_PREFIX = (
 )
 LONGCAT_PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 
-# Special tokens, in the order of the real Qwen2.5 vocabulary (the object/box/quad tokens are left out: nothing
-# references them). They are never split and are skipped by ``decode(skip_special_tokens=True)``.
+# Special tokens, in the order of the real Qwen2.5 vocabulary (object/box/quad tokens left out: nothing uses
+# them). They are never split, and decode(skip_special_tokens=True) drops them.
 QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -63,8 +63,8 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
 # Qwen3's thinking markers: added (never split) but not special, as in the real Qwen3 tokenizer.
 _QWEN3_THINK_TOKENS = ("<think>", "</think>")
 
-# Hand-written equivalent of Qwen2-VL/Qwen2.5-VL's chat template: default system message, string content or a
-# list of {"type": "text" | "image" | "video"} parts (LongCat's prompt rewriter sends a list).
+# Hand-written equivalent of the Qwen2-VL/Qwen2.5-VL chat template: default system message; content is a
+# string or a list of {"type": "text" | "image" | "video"} parts (LongCat's prompt rewriter sends a list).
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
@@ -83,7 +83,7 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 # Hand-written equivalent of Qwen3's chat template for plain chats: no default system message, and
-# ``enable_thinking=False`` pre-fills an empty think block (Ovis-Image passes False, Z-Image passes True).
+# enable_thinking=False pre-fills an empty think block (Ovis-Image passes False, Z-Image passes True).
 QWEN3_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -99,25 +99,25 @@ _QWEN_SPLIT = (
     r"|\s+(?!\S)|\s+"
 )
 
-# A few prompt words on top of the templates, so test prompts are whole-word tokens too.
+# A few prompts on top of the templates, so typical test prompts are whole-word tokens too.
 _PROMPT_WORDS = (
     "a cat, a dog, an astronaut riding a horse, a photo of a red car, bad quality, blurry, low resolution, "
-    "dance monkey, a watercolor painting of a city at night, \nUser Input: \nRewritten prompt:"
+    "dance monkey, a watercolor painting of a city at night"
 )
 
 
 def _training_texts() -> list[str]:
-    """Template and prompt texts with the special tokens cut out (they are added later, whole)."""
+    """Template and prompt texts with the special tokens cut out (those are added whole, afterwards)."""
     texts = [
         QWEN_IMAGE_PROMPT_TEMPLATE,
         "<|im_start|>user\n" + OVIS_SYSTEM_PROMPT,
         LONGCAT_PROMPT_PREFIX,
         LONGCAT_PROMPT_SUFFIX,
-        # LongCat's rewriter sends these to generate(); whole words keep that prompt ~2k tokens, not ~10k bytes.
-        SYSTEM_PROMPT_EN,
-        SYSTEM_PROMPT_ZH,
-        "\n用户输入为：\n改写后的prompt为：",
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+        # LongCat's rewriter feeds these to generate(): as whole words, ~2k tokens instead of ~10k bytes.
+        SYSTEM_PROMPT_EN + "\nUser Input: \nRewritten prompt:",
+        SYSTEM_PROMPT_ZH + "\n用户输入为：\n改写后的prompt为：",
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n",
         _PROMPT_WORDS,
     ]
     specials = re.compile("|".join(re.escape(t) for t in QWEN_SPECIAL_TOKENS + _QWEN3_THINK_TOKENS))
@@ -125,8 +125,8 @@ def _training_texts() -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _trained_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(vocab, merges) of a byte-level BPE trained until every training word is a single token (~4.6k tokens)."""
+def _trained_bpe() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """(vocab, merges) of a byte-level BPE trained until every training word is one token (~4.6k tokens)."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -141,26 +141,26 @@ def _trained_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     )
     tok.train_from_iterator(_training_texts(), trainer)
     model = json.loads(tok.to_str())["model"]
-    return dict(model["vocab"]), [tuple(m) for m in model["merges"]]
+    return model["vocab"], tuple((a, b) for a, b in model["merges"])
 
 
 def build_tiny_qwen_tokenizer(chat_template: str = QWEN2_VL_CHAT_TEMPLATE) -> Qwen2TokenizerFast:
-    """A fresh ``Qwen2TokenizerFast``: ~4.6k BPE tokens, then ``QWEN_SPECIAL_TOKENS``, then ``<think>``/``</think>``.
+    """A fresh ``Qwen2TokenizerFast``: ~4.6k BPE tokens, ``QWEN_SPECIAL_TOKENS``, ``<think>``, ``</think>``.
 
-    ``<|endoftext|>`` is pad/unk, ``<|im_end|>`` is eos (as in the real instruct tokenizers); read ids with
-    ``tok.convert_tokens_to_ids``. ``chat_template`` is ``QWEN2_VL_CHAT_TEMPLATE`` for Qwen2.5-VL encoders,
-    ``QWEN3_CHAT_TEMPLATE`` for Qwen3 ones.
+    ``<|endoftext|>`` is pad/unk and ``<|im_end|>`` eos, as in the real instruct tokenizers; read other ids
+    with ``tok.convert_tokens_to_ids``. ``chat_template``: ``QWEN2_VL_CHAT_TEMPLATE`` for Qwen2.5-VL text
+    encoders, ``QWEN3_CHAT_TEMPLATE`` for Qwen3 ones.
     """
-    vocab, merges = _trained_bpe()
-    # Give the added tokens their ids up front, in Qwen's order; left to Qwen2Tokenizer.__init__, eos and pad
-    # would be numbered first.
-    vocab = dict(vocab)
+    bpe_vocab, merges = _trained_bpe()
+    # Number the added tokens up front, in Qwen's order; left to Qwen2Tokenizer.__init__, eos and pad would
+    # be numbered first.
+    vocab = dict(bpe_vocab)
     for token in QWEN_SPECIAL_TOKENS + _QWEN3_THINK_TOKENS:
         vocab[token] = len(vocab)
     tok = Qwen2TokenizerFast(
         vocab=vocab,
         merges=list(merges),
-        eos_token="<|im_end|>",  # as in the Qwen2.5-VL-Instruct and Qwen3 tokenizer configs
+        eos_token="<|im_end|>",
         model_max_length=131072,
         clean_up_tokenization_spaces=False,
     )

@@ -1,18 +1,18 @@
 """Tiny random-weight Z-Image pipeline, built fully offline.
 
-Same classes and wiring as ``Tongyi-MAI/Z-Image-Turbo`` (single-stream DiT with noise/context refiners, a Qwen3
-text encoder read at ``hidden_states[-2]`` through Qwen3's chat template, the Flux VAE with its shift/scale,
-flow-matching Euler scheduler with a static shift of 3), small enough that a 64x64, 2-step call with CFG takes
-tens of milliseconds on CPU.
+Same classes and wiring as ``Tongyi-MAI/Z-Image-Turbo`` (single-stream DiT with noise and context refiners,
+a Qwen3 text encoder read at ``hidden_states[-2]`` through Qwen3's chat template, the Flux VAE with its
+shift/scale, flow-matching Euler scheduler with a static shift of 3), small enough that a 64x64, 2-step call
+with CFG takes a few tens of milliseconds on CPU.
 
 Shapes (real Z-Image-Turbo in brackets):
 
 * Text encoder ``Qwen3Model``: hidden 32 [2560], 2 layers [36], 2 heads [32] with 1 KV head [8], head_dim 16
-  [128]. Vocabulary: the tiny Qwen tokenizer (~4.7k tokens) [151k].
+  [128]. Vocabulary: the tiny Qwen tokenizer, ~4.7k [151k].
 * DiT: ``dim`` 32 [3840], 2 heads [30], 2 blocks in each of ``noise_refiner``, ``context_refiner`` and
   ``layers`` [2, 2, 30], ``axes_dims`` (4, 6, 6) [(32, 48, 48)], ``cap_feat_dim`` 32 [2560].
 * VAE: Flux-style ``AutoencoderKL``, 4 levels ``(8, 8, 16, 16)`` [(128, 256, 512, 512)] -> 8x downsampling,
-  16 latent channels [same], Flux's ``scaling_factor``/``shift_factor``; 64x64 image -> 8x8 latent -> 16 tokens.
+  16 latent channels [same], Flux's ``scaling_factor``/``shift_factor``; a 64x64 image is 16 DiT tokens.
 """
 
 from __future__ import annotations
@@ -20,12 +20,19 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    ModelMixin,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
+)
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
 
 from diffusers_offload.tiny._qwen_tokenizer import QWEN3_CHAT_TEMPLATE, build_tiny_qwen_tokenizer
 
 __all__ = [
+    "TEXT_HIDDEN",
     "TINY_Z_IMAGE_CALL",
     "build_tiny_flux_vae",
     "build_tiny_qwen3",
@@ -33,9 +40,9 @@ __all__ = [
     "build_tiny_z_image_transformer",
 ]
 
-# Default call: CFG on (guidance_scale > 0 in Z-Image) with the default empty negative prompt: the DiT runs once
-# per step on a batch of 2 (prompt + negative). A short max_sequence_length keeps the text encoder's padded batch
-# small; the pipeline drops the padding before the DiT anyway.
+# Default call: CFG on (Z-Image's guidance_scale > 0) with the default empty negative prompt: the DiT runs
+# once per step on a batch of 2 (prompt, negative). max_sequence_length 64 (default 512) keeps the text
+# encoder's padded input short; the pipeline drops the padding before the DiT anyway.
 TINY_Z_IMAGE_CALL: dict[str, Any] = dict(
     num_inference_steps=2,
     height=64,
@@ -51,14 +58,18 @@ ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
 def _cast(model: ModelT, dtype: torch.dtype) -> ModelT:
-    # Skip the no-op cast: diffusers' ModelMixin.to(dtype) logs a float32-modules warning on every call.
-    return (model if dtype == torch.float32 else model.to(dtype)).eval()
+    """``model`` in ``dtype`` and eval mode."""
+    if dtype != torch.float32:
+        # ModelMixin.to warns about "modules that should be kept in float32" on every cast, even when the
+        # list is empty (as it is for all of these); plain nn.Module.to does the same cast silently.
+        torch.nn.Module.to(model, dtype) if isinstance(model, ModelMixin) else model.to(dtype)
+    return model.eval()
 
 
 def build_tiny_qwen3(
     tokenizer: Qwen2TokenizerFast, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> Qwen3Model:
-    """A 2-layer ``Qwen3Model`` (hidden 32, GQA 2:1, q/k RMSNorm) whose vocabulary and ids are ``tokenizer``'s."""
+    """A 2-layer, width-32 ``Qwen3Model`` (GQA 2:1, q/k RMSNorm) using ``tokenizer``'s vocabulary and ids."""
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN,
@@ -68,8 +79,8 @@ def build_tiny_qwen3(
         num_key_value_heads=1,
         head_dim=16,
         max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         max_window_layers=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
@@ -108,7 +119,7 @@ def build_tiny_flux_vae(seed: int = 0, dtype: torch.dtype = torch.float32) -> Au
 def build_tiny_z_image_transformer(
     seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: int = 2
 ) -> ZImageTransformer2DModel:
-    """The tiny Z-Image DiT alone: ``num_layers`` blocks in each of ``noise_refiner``, ``context_refiner``, ``layers``."""
+    """The tiny Z-Image DiT alone: ``num_layers`` blocks in each of its 3 block lists, seeded by ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ZImageTransformer2DModel(
@@ -127,9 +138,9 @@ def build_tiny_z_image_transformer(
             axes_dims=[4, 6, 6],  # must sum to the head dim, 32 / 2
             axes_lens=[1024, 512, 512],
         )
-        # The pad tokens fill the image and caption sequences up to a multiple of 32. Older diffusers create them
-        # with torch.empty (garbage, sometimes NaN); zeros in newer ones. Random values make them matter, and
-        # keep the weights fully determined by the seed either way.
+        # The pad tokens fill image and caption sequences up to a multiple of 32. Older diffusers create them
+        # with torch.empty (garbage, sometimes NaN), newer ones with zeros; random values make them count, and
+        # leave every weight determined by the seed either way.
         with torch.no_grad():
             model.x_pad_token.normal_(std=0.02)
             model.cap_pad_token.normal_(std=0.02)
@@ -139,13 +150,11 @@ def build_tiny_z_image_transformer(
 def build_tiny_z_image_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> ZImagePipeline:
     """A complete tiny ``ZImagePipeline`` with random weights, deterministic for a given ``seed``.
 
-    Call it with ``pipe(prompt, **TINY_Z_IMAGE_CALL, generator=...)``. The global torch RNG is left untouched.
+    Call it as ``pipe(prompt, **TINY_Z_IMAGE_CALL, generator=...)``. The global torch RNG is not touched.
     """
     tokenizer = build_tiny_qwen_tokenizer(QWEN3_CHAT_TEMPLATE)
     pipe = ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
-        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=build_tiny_flux_vae(seed * 10 + 1, dtype),
         text_encoder=build_tiny_qwen3(tokenizer, seed * 10 + 2, dtype),
         tokenizer=tokenizer,

@@ -1,0 +1,143 @@
+"""`OffloadReport`: what an offload handle placed where, and what it has moved so far."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import torch
+
+from .budget import format_bytes
+from .devices import is_accelerator
+from .handle import OffloadHandle
+
+
+@dataclass(frozen=True)
+class ComponentReport:
+    name: str
+    strategy: str
+    host_bytes: int  # exact-size host slabs held for this component
+    device_weight_bytes: int  # weights materialised on the device right now
+    device_reserved_bytes: int  # device memory held for weights right now (ring slots in full)
+    blocks_streamed: int
+    blocks_resident: int
+    loads: int  # host-to-device transfers so far (blocks or whole components)
+    bytes_moved: int  # host-to-device bytes so far
+    on_demand_loads: int  # streamed blocks that were not prefetched in time
+
+
+_HEADERS = ("component", "strategy", "host", "on device", "device held", "blocks str/res", "loads", "moved")
+
+
+@dataclass(frozen=True)
+class OffloadReport:
+    """Per-component placement and traffic; `str()` is a table, notebooks render it as HTML."""
+
+    kind: str
+    device: str
+    components: tuple[ComponentReport, ...]
+    plan: object | None  # the planning.Plan used, if a budget was given
+    peak_device_bytes: int | None  # the device's own peak allocation counter, where it has one
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        rows = []
+        for c in self.components:
+            blocks = f"{c.blocks_streamed}/{c.blocks_resident}" if c.strategy == "streamed" else "-"
+            rows.append(
+                (
+                    c.name,
+                    c.strategy,
+                    format_bytes(c.host_bytes),
+                    format_bytes(c.device_weight_bytes),
+                    format_bytes(c.device_reserved_bytes),
+                    blocks,
+                    str(c.loads),
+                    format_bytes(c.bytes_moved),
+                )
+            )
+        return rows
+
+    def _summary(self) -> str:
+        peak = format_bytes(self.peak_device_bytes) if self.peak_device_bytes is not None else "not reported"
+        host = sum(c.host_bytes for c in self.components)
+        moved = sum(c.bytes_moved for c in self.components)
+        misses = sum(c.on_demand_loads for c in self.components)
+        return (
+            f"{self.kind} offload on {self.device}: host copy {format_bytes(host)}, "
+            f"moved {format_bytes(moved)} so far ({misses} blocks loaded on demand), device peak {peak}"
+        )
+
+    def __str__(self) -> str:
+        rows = [_HEADERS, *self._rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(self._summary())
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in _HEADERS)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+            for row in self._rows()
+        )
+        summary = html.escape(self._summary())
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table><p>{summary}</p>"
+
+
+def build_report(handle: OffloadHandle, plan: object | None = None) -> OffloadReport:
+    """Reads the engine's state (not the modules) into an `OffloadReport`."""
+    if handle.removed:
+        raise RuntimeError("This offload handle was removed; enable offloading again to get a report.")
+    rows = []
+    for name, record in handle.components.items():
+        member, ring = record.member, record.ring
+        weights = record.resident_bytes
+        held = record.resident_bytes
+        loads = moved = misses = 0
+        if member is not None:
+            if member.device_buffer is not None and member.group is not None:
+                weights += member.group.data_bytes
+                held += member.device_buffer.numel()
+            loads += member.loads
+            moved += member.bytes_moved
+        if ring is not None:
+            weights += sum(ring.groups[owner].data_bytes for owner in ring.slot_owner if owner >= 0)
+            held += ring.device_bytes
+            loads += ring.stats.loads
+            moved += ring.stats.bytes_moved
+            misses += ring.stats.on_demand_loads
+        for own_set in record.host_only:
+            for extra in own_set.members:
+                if extra.device_buffer is not None and extra.group is not None:
+                    weights += extra.group.data_bytes
+                    held += extra.device_buffer.numel()
+                loads += extra.loads
+                moved += extra.bytes_moved
+        streamed = len(ring.groups) if ring is not None else 0
+        total_blocks = len(_blocks(record)) if record.placement.strategy == "streamed" else 0
+        rows.append(
+            ComponentReport(
+                name=name,
+                strategy=record.placement.strategy,
+                host_bytes=sum(group.slab.nbytes for group in record.groups),
+                device_weight_bytes=weights,
+                device_reserved_bytes=held,
+                blocks_streamed=streamed,
+                blocks_resident=total_blocks - streamed,
+                loads=loads,
+                bytes_moved=moved,
+                on_demand_loads=misses,
+            )
+        )
+    device = handle.device
+    peak = torch.accelerator.max_memory_allocated(device) if is_accelerator(device) else None
+    return OffloadReport(handle.kind, str(device), tuple(rows), plan, peak)
+
+
+def _blocks(record) -> list[torch.nn.Module]:
+    from .layerwise import resolve_blocks
+
+    return resolve_blocks(record.module, record.placement.block_lists)
