@@ -1,10 +1,14 @@
-"""The `diffusers-offload` command line."""
+"""The `diffusers-offload` command line: `demo`, `plan` and `generate`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+OFFLOAD_CHOICES = ("none", "model", "layerwise", "auto")
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -13,11 +17,81 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(args.out, device=args.device) else 1
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from model_registry import get_adapter
+
+    from .budget import format_bytes, parse_bytes
+    from .meta import build_meta_components
+    from .planning import plan_offload
+    from .sizing import measure_components
+
+    parse_bytes(args.budget)  # a bad budget string fails before any model is built
+    class_name, components = build_meta_components(args.model, dtype=getattr(torch, args.dtype))
+    adapter = get_adapter(class_name, components=components)
+    sizes = measure_components(adapter.components(components), adapter)
+    print(f"{args.model}: {class_name} (adapter {adapter.name!r}), weights in {args.dtype}")
+    for size in sizes:
+        params = sum(p.numel() for p in components[size.name].parameters())
+        blocks = f", {len(size.block_bytes)} blocks" if size.block_bytes else ""
+        total = format_bytes(size.total_bytes)
+        print(f"  {size.name:<16} {size.role:<9} {params / 1e9:7.3f} B params  {total:>11}{blocks}")
+    plan = plan_offload(
+        sizes, args.budget, reserve=args.reserve, prefetch=args.prefetch, strategy=args.strategy
+    )
+    print()
+    print(plan)
+    if adapter.notes and args.verbose:
+        print(f"\nnotes: {adapter.notes}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import OffloadPipeline
+
+    if args.offload == "auto" and args.budget is None and args.device == "cpu":
+        raise ValueError("--offload auto on the CPU needs --budget (e.g. --budget 8GiB)")
+    if args.budget is not None and args.offload not in ("auto", "layerwise"):
+        raise ValueError("--budget applies to --offload auto or layerwise")
+    source = Path(args.model)
+    looks_like_hub_id = (
+        args.model.count("/") == 1 and not source.is_absolute() and not args.model.startswith(".")
+    )
+    if not source.is_dir() and not looks_like_hub_id:
+        raise FileNotFoundError(f"{args.model} is neither a local folder nor a hub id (owner/name)")
+    pipe = OffloadPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    if args.offload == "model":
+        pipe.enable_model_offload(args.device)
+    elif args.offload == "layerwise":
+        pipe.enable_layerwise_offload(
+            args.device, prefetch=args.prefetch, vram_budget=args.budget, reserve=args.reserve
+        )
+    elif args.offload == "auto":
+        pipe.enable_offload(args.budget, args.device, prefetch=args.prefetch, reserve=args.reserve)
+    elif args.device is not None:
+        pipe.to(args.device)
+    call = {"generator": torch.Generator().manual_seed(args.seed)}
+    for name in ("steps", "height", "width"):
+        value = getattr(args, name)
+        if value is not None:
+            call["num_inference_steps" if name == "steps" else name] = value
+    image = pipe(args.prompt, **call).images[0]
+    image.save(args.out)
+    if pipe.offload_handle is not None:
+        print(pipe.offload_report())
+    print(f"saved {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusers-offload", description="Run large diffusion pipelines on small accelerators."
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
     demo = verbs.add_parser(
         "demo",
         help="run a tiny pipeline built locally (no download) with each offload strategy",
@@ -27,6 +101,51 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo.png", help="where to save the image (default: demo.png)")
     demo.add_argument("--device", default=None, help="execution device (default: the accelerator, else cpu)")
     demo.set_defaults(run=_demo)
+
+    plan = verbs.add_parser(
+        "plan",
+        help="print the placement a memory budget gets, from configs only (no weights)",
+        description="Builds the pipeline's models on the meta device from their config.json files and "
+        "prints what stays resident, what is swapped and what is streamed within the budget. "
+        "MODEL is a local folder (diffusers layout) or one of the shipped ids, e.g. "
+        "stabilityai/stable-diffusion-3.5-medium, "
+        "Qwen/Qwen-Image, Tongyi-MAI/Z-Image-Turbo, meituan-longcat/LongCat-Image, AIDC-AI/Ovis-Image-7B, "
+        "stepfun-ai/NextStep-1.1.",
+    )
+    plan.add_argument("model", metavar="MODEL_OR_DIR")
+    plan.add_argument(
+        "--budget", required=True, help='device memory for weights and activations, e.g. "12GiB"'
+    )
+    plan.add_argument("--reserve", default="1GiB", help="kept free for activations (default: 1GiB)")
+    plan.add_argument("--prefetch", type=int, default=1, help="blocks copied ahead (default: 1)")
+    plan.add_argument("--strategy", choices=("auto", "model", "layerwise"), default="auto")
+    plan.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default: bfloat16)")
+    plan.add_argument("-v", "--verbose", action="store_true", help="also print the adapter's notes")
+    plan.set_defaults(run=_plan)
+
+    generate = verbs.add_parser(
+        "generate",
+        help="generate an image with a pipeline you have locally",
+        description="Loads the pipeline (a local folder, or a hub id when the hub is reachable), enables the "
+        "chosen offloading, generates one image with the pipeline's progress bar and prints the offload "
+        "report.",
+    )
+    generate.add_argument("model", metavar="MODEL_OR_DIR")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--offload", choices=OFFLOAD_CHOICES, default="auto")
+    generate.add_argument(
+        "--budget", default=None, help='device memory budget, e.g. "12GiB" (auto/layerwise)'
+    )
+    generate.add_argument("--reserve", default="1GiB", help="kept free for activations (default: 1GiB)")
+    generate.add_argument("--prefetch", type=int, default=1)
+    generate.add_argument("--device", default=None, help="execution device (default: the accelerator)")
+    generate.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    generate.add_argument("--height", type=int, default=None)
+    generate.add_argument("--width", type=int, default=None)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", default="image.png")
+    generate.set_defaults(run=_generate)
     return parser
 
 
@@ -34,8 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
-        print(f"diffusers-offload {args.verb}: error: {error}", file=sys.stderr)
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        message = " ".join(lines) or type(error).__name__
+        print(f"diffusers-offload {args.verb}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -13,7 +13,7 @@ Shapes (real LongCat-Image in brackets):
   ``apply_chat_template`` with list-of-parts content, ``__call__(text=...)`` and ``batch_decode``, which the
   tokenizer all does. It is saved as a ``Qwen2Tokenizer`` under ``text_processor/`` and loaded back as one by
   ``DiffusionPipeline.from_pretrained`` (which only logs an "Expected types for text_processor" warning).
-* DiT: 2 ``transformer_blocks`` + 2 ``single_transformer_blocks`` [19 + 38], 2 heads x 16 [24 x 128],
+* DiT: 2 ``transformer_blocks`` + 2 ``single_transformer_blocks`` [10 + 20], 2 heads x 16 [24 x 128],
   ``axes_dims_rope`` (4, 6, 6) [(16, 56, 56)], ``joint_attention_dim`` and ``pooled_projection_dim`` 32
   [3584].
 * VAE: the tiny Flux VAE of ``diffusers_offload.tiny.z_image``; the pipeline hard-codes 16 latent channels.

@@ -59,10 +59,14 @@ ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 def _cast(model: ModelT, dtype: torch.dtype) -> ModelT:
     """``model`` in ``dtype`` and eval mode."""
-    if dtype != torch.float32:
+    if dtype == torch.float32:
+        pass
+    elif isinstance(model, ModelMixin):
         # ModelMixin.to warns about "modules that should be kept in float32" on every cast, even when the
         # list is empty (as it is for all of these); plain nn.Module.to does the same cast silently.
-        torch.nn.Module.to(model, dtype) if isinstance(model, ModelMixin) else model.to(dtype)
+        torch.nn.Module.to(model, dtype)
+    else:
+        model.to(dtype)
     return model.eval()
 
 
@@ -136,7 +140,7 @@ def build_tiny_z_image_transformer(
             rope_theta=256.0,
             t_scale=1000.0,
             axes_dims=[4, 6, 6],  # must sum to the head dim, 32 / 2
-            axes_lens=[1024, 512, 512],
+            axes_lens=[1536, 512, 512],  # as Z-Image-Turbo: RoPE tables for text/height/width positions
         )
         # The pad tokens fill image and caption sequences up to a multiple of 32. Older diffusers create them
         # with torch.empty (garbage, sometimes NaN), newer ones with zeros; random values make them count, and

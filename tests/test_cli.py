@@ -1,0 +1,89 @@
+"""The `diffusers-offload` command line: each verb's happy path and its bad-input path."""
+
+import time
+
+import pytest
+
+from diffusers_offload.cli import main
+from diffusers_offload.tiny.sd3 import build_tiny_sd3_pipeline
+
+SHIPPED = [
+    "stabilityai/stable-diffusion-3.5-medium",
+    "stabilityai/stable-diffusion-3.5-large",
+    "Qwen/Qwen-Image",
+    "Tongyi-MAI/Z-Image-Turbo",
+    "meituan-longcat/LongCat-Image",
+    "AIDC-AI/Ovis-Image-7B",
+    "stepfun-ai/NextStep-1.1",
+]
+
+
+def test_demo_runs_every_strategy(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert out.stat().st_size > 0
+    for strategy in ("none", "model", "layerwise"):
+        line = next(line for line in printed.splitlines() if line.startswith(strategy))
+        assert line.rstrip().endswith("True")
+
+
+@pytest.mark.parametrize("model", SHIPPED)
+def test_plan_every_shipped_model(model, capsys):
+    start = time.perf_counter()
+    assert main(["plan", model, "--budget", "12GiB"]) == 0
+    assert time.perf_counter() - start < 20
+    printed = capsys.readouterr().out
+    assert "peak" in printed and "of 12.00 GiB budget" in printed
+    assert "streamed" in printed or "swapped" in printed  # none of the six fits 12 GiB whole
+
+
+def test_plan_bad_inputs(capsys):
+    assert main(["plan", "no-such/model", "--budget", "12GiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown model" in err
+    assert main(["plan", "sd35-medium", "--budget", "twelve"]) == 2
+    assert "invalid byte size" in capsys.readouterr().err
+    assert main(["plan", "sd35-medium", "--budget", "1GiB"]) == 2
+    assert "at least" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "sd35-medium"])  # --budget is required
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("verb", ["demo", "plan", "generate"])
+def test_help_for_each_verb(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: diffusers-offload {verb}" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    build_tiny_sd3_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("offload", ["none", "model", "layerwise", "auto"])
+def test_generate_from_a_local_folder(saved_pipeline, tmp_path, capsys, offload):
+    out = tmp_path / "image.png"
+    args = ["generate", str(saved_pipeline), "--prompt", "a cat", "--offload", offload, "--device", "cpu"]
+    args += ["--dtype", "float32", "--steps", "2", "--height", "64", "--width", "64", "--out", str(out)]
+    if offload == "auto":
+        args += ["--budget", "64MiB", "--reserve", "32MiB"]
+    assert main(args) == 0
+    assert out.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert ("host copy" in printed) == (offload != "none")
+
+
+def test_generate_bad_inputs(saved_pipeline, tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "neither a local folder" in capsys.readouterr().err
+    args = ["generate", str(saved_pipeline), "--prompt", "x", "--device", "cpu", "--dtype", "float32"]
+    assert main([*args, "--offload", "auto"]) == 2
+    assert "--budget" in capsys.readouterr().err
+    assert main([*args, "--offload", "model", "--budget", "1GiB"]) == 2
+    assert "--budget applies" in capsys.readouterr().err
