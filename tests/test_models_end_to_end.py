@@ -1,7 +1,8 @@
 """Every supported model, every strategy: bitwise equal to no offload, placement checked while it runs."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
