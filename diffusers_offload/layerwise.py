@@ -11,6 +11,7 @@ from .devices import resolve_device, resolve_pin_memory
 from .handle import OffloadHandle, ensure_not_offloaded
 from .hooks import STREAMED_BLOCK_HOOK, StreamedBlockHook, register_hook
 from .packing import PlaceholderCache, WeightGroup, check_packable, collect_tensors
+from .planning import spread_indices
 from .ring import PrefetchRing
 from .transfer import Copier, make_copier
 
@@ -47,15 +48,6 @@ def resolve_blocks(module: torch.nn.Module, block_lists: Sequence[str]) -> list[
 def check_prefetch(prefetch: int) -> None:
     if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
         raise ValueError(f"prefetch must be an integer >= 0 (blocks copied ahead), got {prefetch!r}.")
-
-
-def spread_indices(total: int, count: int) -> list[int]:
-    """`count` indices out of `range(total)`, evenly spaced, so transfers between them stay evenly spaced."""
-    if count <= 0:
-        return []
-    if count >= total:
-        return list(range(total))
-    return [i * total // count for i in range(count)]
 
 
 def resident_indices(resident_blocks: int | Sequence[int], total: int) -> set[int]:

@@ -189,9 +189,9 @@ class _Layout:
     moved: int  # streamed block bytes per forward
 
 
-def _spread(n: int, k: int) -> tuple[int, ...]:
+def spread_indices(n: int, k: int) -> tuple[int, ...]:
     """k of n indices spread evenly, starting at 0: gaps (and the tail to n) differ by at most 1."""
-    return tuple(j * n // k for j in range(k))
+    return tuple(j * n // k for j in range(min(k, n)))
 
 
 def _largest(blocks: tuple[int, ...], k: int) -> tuple[int, ...]:
@@ -209,7 +209,7 @@ def _layouts(comp: _Comp, prefetch: int) -> tuple[_Layout, ...]:
     n = len(comp.blocks)
     layouts = []
     for k in range(n + 1):
-        resident = _largest(comp.blocks, k) if comp.prefer_resident else _spread(n, k)
+        resident = _largest(comp.blocks, k) if comp.prefer_resident else spread_indices(n, k)
         kept = set(resident)
         streamed = tuple(i for i in range(n) if i not in kept)
         # A ring deeper than the number of streamed blocks would hold nothing useful.

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
 
+from diffusers_offload.tiny._common import cast_and_eval
 from diffusers_offload.tiny._qwen_tokenizer import build_tiny_qwen_tokenizer
 from diffusers_offload.tiny.qwen_image import TEXT_HIDDEN, build_tiny_qwen2_5_vl
-from diffusers_offload.tiny.z_image import _cast, build_tiny_flux_vae
+from diffusers_offload.tiny.z_image import build_tiny_flux_vae
 
 __all__ = [
     "TINY_LONGCAT_IMAGE_CALL",
@@ -65,7 +66,7 @@ def build_tiny_longcat_image_transformer(
             pooled_projection_dim=TEXT_HIDDEN,
             axes_dims_rope=[4, 6, 6],  # must sum to attention_head_dim
         )
-    return _cast(model, dtype)
+    return cast_and_eval(model, dtype)
 
 
 def build_tiny_longcat_image_pipeline(

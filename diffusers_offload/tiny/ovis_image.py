@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
 
+from diffusers_offload.tiny._common import cast_and_eval
 from diffusers_offload.tiny._qwen_tokenizer import QWEN3_CHAT_TEMPLATE, build_tiny_qwen_tokenizer
-from diffusers_offload.tiny.z_image import TEXT_HIDDEN, _cast, build_tiny_flux_vae, build_tiny_qwen3
+from diffusers_offload.tiny.z_image import TEXT_HIDDEN, build_tiny_flux_vae, build_tiny_qwen3
 
 __all__ = [
     "TINY_OVIS_IMAGE_CALL",
@@ -62,7 +63,7 @@ def build_tiny_ovis_image_transformer(
             joint_attention_dim=TEXT_HIDDEN,
             axes_dims_rope=(4, 6, 6),  # must sum to attention_head_dim
         )
-    return _cast(model, dtype)
+    return cast_and_eval(model, dtype)
 
 
 def build_tiny_ovis_image_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> OvisImagePipeline:

@@ -28,8 +28,8 @@ from diffusers import (
 )
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast
 
+from diffusers_offload.tiny._common import cast_and_eval
 from diffusers_offload.tiny._qwen_tokenizer import build_tiny_qwen_tokenizer
-from diffusers_offload.tiny.z_image import _cast
 
 __all__ = [
     "REWRITE_TOKENS",
@@ -102,7 +102,7 @@ def build_tiny_qwen2_5_vl(
     # it wins next. Both are plain generation-config fields: saved in generation_config.json, reloaded.
     model.generation_config.min_new_tokens = REWRITE_TOKENS
     model.generation_config.sequence_bias = [[[im_end], 100.0]]
-    return _cast(model, dtype)
+    return cast_and_eval(model, dtype)
 
 
 def build_tiny_qwen_image_transformer(
@@ -122,7 +122,7 @@ def build_tiny_qwen_image_transformer(
             guidance_embeds=False,
             axes_dims_rope=(4, 6, 6),  # must sum to attention_head_dim
         )
-    return _cast(model, dtype)
+    return cast_and_eval(model, dtype)
 
 
 def build_tiny_qwen_image_vae(seed: int = 0, dtype: torch.dtype = torch.float32) -> AutoencoderKLQwenImage:
@@ -137,7 +137,7 @@ def build_tiny_qwen_image_vae(seed: int = 0, dtype: torch.dtype = torch.float32)
             num_res_blocks=1,
             temperal_downsample=[False, True, True],
         )
-    return _cast(vae, dtype)
+    return cast_and_eval(vae, dtype)
 
 
 def build_tiny_qwen_image_scheduler() -> FlowMatchEulerDiscreteScheduler:

@@ -18,7 +18,7 @@ Shapes (real SD3-medium in brackets):
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from diffusers import (
@@ -29,6 +29,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from diffusers_offload.tiny._common import LATENT_CHANNELS, build_tiny_kl_vae, cast_and_eval
 from diffusers_offload.tiny._tokenizers import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
 
 __all__ = [
@@ -49,9 +50,6 @@ TINY_SD3_CALL: dict[str, Any] = dict(
 
 _CLIP_WIDTHS = ((32, 32), (48, 48))  # (hidden_size, projection_dim) of text_encoder, text_encoder_2
 _T5_WIDTH = 96
-_LATENT_CHANNELS = 16
-
-ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
 def build_tiny_sd3_transformer(
@@ -63,45 +61,23 @@ def build_tiny_sd3_transformer(
         model = SD3Transformer2DModel(
             sample_size=8,
             patch_size=2,
-            in_channels=_LATENT_CHANNELS,
+            in_channels=LATENT_CHANNELS,
             num_layers=num_layers,
             attention_head_dim=16,
             num_attention_heads=2,
             joint_attention_dim=_T5_WIDTH,
             caption_projection_dim=32,  # must equal num_attention_heads * attention_head_dim
             pooled_projection_dim=sum(proj for _, proj in _CLIP_WIDTHS),
-            out_channels=_LATENT_CHANNELS,
+            out_channels=LATENT_CHANNELS,
             pos_embed_max_size=16,  # up to 16x16 patches, i.e. 256x256 images
         )
-    return _cast(model, dtype).eval()
-
-
-def _cast(model: ModelT, dtype: torch.dtype) -> ModelT:
-    # Skip the no-op cast: diffusers' ModelMixin.to(dtype) logs a float32-modules warning on every call.
-    return model if dtype == torch.float32 else model.to(dtype)
+    return cast_and_eval(model, dtype)
 
 
 def build_tiny_sd3_vae(seed: int = 0, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """The tiny SD3-style VAE: 8x downsampling, 16 latent channels, SD3's shift and scaling factors."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=_LATENT_CHANNELS,
-            norm_num_groups=4,
-            sample_size=64,
-            # SD3's VAE values; the pipeline decodes latents / scaling_factor + shift_factor.
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-    return _cast(vae, dtype).eval()
+    # SD3\'s VAE values.
+    return build_tiny_kl_vae(seed, dtype, scaling_factor=1.5305, shift_factor=0.0609)
 
 
 def _build_clip(seed: int, hidden: int, projection: int, tokenizer: Any) -> CLIPTextModelWithProjection:

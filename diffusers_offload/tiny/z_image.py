@@ -17,18 +17,18 @@ Shapes (real Z-Image-Turbo in brackets):
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
-    ModelMixin,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
 
+from diffusers_offload.tiny._common import LATENT_CHANNELS, build_tiny_kl_vae, cast_and_eval
 from diffusers_offload.tiny._qwen_tokenizer import QWEN3_CHAT_TEMPLATE, build_tiny_qwen_tokenizer
 
 __all__ = [
@@ -52,22 +52,6 @@ TINY_Z_IMAGE_CALL: dict[str, Any] = dict(
 )
 
 TEXT_HIDDEN = 32  # Qwen3 width, also the DiT's cap_feat_dim
-_LATENT_CHANNELS = 16
-
-ModelT = TypeVar("ModelT", bound=torch.nn.Module)
-
-
-def _cast(model: ModelT, dtype: torch.dtype) -> ModelT:
-    """``model`` in ``dtype`` and eval mode."""
-    if dtype == torch.float32:
-        pass
-    elif isinstance(model, ModelMixin):
-        # ModelMixin.to warns about "modules that should be kept in float32" on every cast, even when the
-        # list is empty (as it is for all of these); plain nn.Module.to does the same cast silently.
-        torch.nn.Module.to(model, dtype)
-    else:
-        model.to(dtype)
-    return model.eval()
 
 
 def build_tiny_qwen3(
@@ -92,7 +76,7 @@ def build_tiny_qwen3(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3Model(config)
-    return _cast(model, dtype)
+    return cast_and_eval(model, dtype)
 
 
 def build_tiny_flux_vae(seed: int = 0, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
@@ -100,24 +84,7 @@ def build_tiny_flux_vae(seed: int = 0, dtype: torch.dtype = torch.float32) -> Au
 
     Z-Image, LongCat-Image and Ovis-Image all ship the Flux VAE and decode ``latents / scaling + shift``.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=_LATENT_CHANNELS,
-            norm_num_groups=4,
-            sample_size=64,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-    return _cast(vae, dtype)
+    return build_tiny_kl_vae(seed, dtype, scaling_factor=0.3611, shift_factor=0.1159)
 
 
 def build_tiny_z_image_transformer(
@@ -129,7 +96,7 @@ def build_tiny_z_image_transformer(
         model = ZImageTransformer2DModel(
             all_patch_size=(2,),
             all_f_patch_size=(1,),
-            in_channels=_LATENT_CHANNELS,
+            in_channels=LATENT_CHANNELS,
             dim=32,
             n_layers=num_layers,
             n_refiner_layers=num_layers,
@@ -148,7 +115,7 @@ def build_tiny_z_image_transformer(
         with torch.no_grad():
             model.x_pad_token.normal_(std=0.02)
             model.cap_pad_token.normal_(std=0.02)
-    return _cast(model, dtype)
+    return cast_and_eval(model, dtype)
 
 
 def build_tiny_z_image_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> ZImagePipeline:
