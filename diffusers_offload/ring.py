@@ -19,7 +19,7 @@ from .transfer import Copier
 EMPTY = -1
 
 
-@dataclass
+@dataclass(frozen=True)
 class RingStats:
     """Counters for the report: transfers issued and how many were on demand (not prefetched)."""
 
@@ -53,7 +53,18 @@ class PrefetchRing:
         self._copied = [copier.new_event() for _ in range(num_slots)]
         self._released = [copier.new_event() for _ in range(num_slots)]
         self._ever_released = [False] * num_slots
-        self.stats = RingStats()
+        # Synchronous copiers (the CPU) order nothing with events: skip those calls on the hot path.
+        self._events = getattr(copier, "uses_events", True)
+        self._ahead = [
+            tuple((position + step) % count for step in range(1, self.lookahead + 1))
+            for position in range(count)
+        ]
+        self.calls = self.loads = self.on_demand_loads = self.bytes_moved = 0
+
+    @property
+    def stats(self) -> RingStats:
+        """A snapshot of the counters, for reports and tests."""
+        return RingStats(self.loads, self.on_demand_loads, self.bytes_moved, self.calls)
 
     @property
     def device_bytes(self) -> int:
@@ -74,33 +85,36 @@ class PrefetchRing:
     def free(self) -> None:
         """Evicts every block and gives the slots back to the allocator."""
         self.evict_all()
-        for event in self._copied:
-            # The compute stream must not reuse a slot's memory before copies still in flight land in it.
-            self.copier.wait(event)
+        if self._events:
+            for event in self._copied:
+                # The compute stream must not reuse a slot's memory before copies still in flight land in it.
+                self.copier.wait(event)
         self.slots, self._views, self._dst = [], [], []
 
     def acquire(self, position: int) -> None:
         """Called before block `position` computes: its weights are in a slot once compute proceeds."""
-        self.stats.calls += 1
+        # The hot path: a few list lookups, no allocation; counters are plain ints.
+        self.calls += 1
         if not self.slots:
             self.allocate()
-        slot = self.slot_of[position]
+        slot_of = self.slot_of
+        slot = slot_of[position]
         if slot == EMPTY:
             slot = self._load(position, position)
-            self.stats.on_demand_loads += 1
-        self.copier.wait(self._copied[slot])
-        count = len(self.groups)
-        for step in range(1, self.lookahead + 1):
-            upcoming = (position + step) % count
-            if self.slot_of[upcoming] == EMPTY:
+            self.on_demand_loads += 1
+        if self._events:
+            self.copier.wait(self._copied[slot])
+        for upcoming in self._ahead[position]:
+            if slot_of[upcoming] == EMPTY:
                 self._load(upcoming, position)
 
     def release(self, position: int) -> None:
         """Called after block `position` computed (or raised): its slot may be reused after this point."""
-        slot = self.slot_of[position]
-        if slot != EMPTY:
-            self.copier.record(self._released[slot])
-            self._ever_released[slot] = True
+        if self._events:
+            slot = self.slot_of[position]
+            if slot != EMPTY:
+                self.copier.record(self._released[slot])
+                self._ever_released[slot] = True
 
     def _load(self, position: int, window_start: int) -> int:
         slot = self._victim(window_start)
@@ -109,12 +123,13 @@ class PrefetchRing:
             self.groups[owner].offload()
             self.slot_of[owner] = EMPTY
         after = self._released[slot] if self._ever_released[slot] else None
-        self.copier.copy(self._dst[position][slot], self._src[position], done=self._copied[slot], after=after)
-        self.groups[position].point_to(self._views[position][slot])
+        self.copier.copy(self._dst[position][slot], self._src[position], self._copied[slot], after)
+        group = self.groups[position]
+        group.point_to(self._views[position][slot])
         self.slot_owner[slot] = position
         self.slot_of[position] = slot
-        self.stats.loads += 1
-        self.stats.bytes_moved += self.groups[position].nbytes
+        self.loads += 1
+        self.bytes_moved += group.nbytes
         return slot
 
     def _victim(self, window_start: int) -> int:

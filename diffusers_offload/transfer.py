@@ -12,12 +12,18 @@ import torch
 
 
 class Copier(Protocol):
-    """Issues copies and orders them against the compute stream with reusable events."""
+    """Issues copies and orders them against the compute stream with reusable events.
+
+    A copier whose copies are complete when `copy` returns sets `uses_events = False`, and is then
+    never asked to wait or record.
+    """
+
+    uses_events: bool
 
     def new_event(self) -> Any:
         """A reusable event (recorded many times)."""
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, *, done: Any, after: Any | None) -> None:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, done: Any, after: Any | None) -> None:
         """Copy `src` into `dst` off the compute stream once compute event `after` passed; record `done`."""
 
     def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -33,10 +39,12 @@ class Copier(Protocol):
 class SyncCopier:
     """Copies synchronously on the calling thread: the CPU execution device."""
 
+    uses_events = False
+
     def new_event(self) -> object:
         return object()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, *, done: Any, after: Any | None) -> None:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, done: Any, after: Any | None) -> None:
         dst.copy_(src)
 
     def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -51,6 +59,8 @@ class SyncCopier:
 
 class StreamCopier:
     """Copies on a dedicated accelerator stream through torch's generic Stream/Event API."""
+
+    uses_events = True
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

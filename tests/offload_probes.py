@@ -61,6 +61,8 @@ class DeferredCopier:
     that is the ordering a real copy stream needs so as not to overwrite a slot still in use.
     """
 
+    uses_events = True
+
     def __init__(self) -> None:
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.clock = 0
@@ -78,7 +80,7 @@ class DeferredCopier:
     def new_event(self) -> object:
         return object()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, *, done: Any, after: Any | None) -> None:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, done: Any, after: Any | None) -> None:
         slot = dst.untyped_storage().data_ptr()
         last_use = self.slot_last_use.get(slot)
         if last_use is not None:
