@@ -83,6 +83,8 @@ class WeightGroup:
         # The last tensor needs no trailing padding: the slab is exactly what the data spans.
         self.nbytes = self.offsets[-1] + self.sizes[-1] if tensors else 0
         self.data_bytes = sum(self.sizes)
+        # Groups with equal layouts (identical blocks) can share views into the same buffer.
+        self.layout = (tuple(self.offsets), tuple(self.dtypes), tuple(self.shapes))
         self.slab = HostSlab(self.nbytes, pin=pin, device_type=device_type)
         self.placeholders: list[torch.Tensor] = []
         # Each tensor is copied in, then re-pointed at its host view at once, so the original storage

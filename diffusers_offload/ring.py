@@ -78,8 +78,17 @@ class PrefetchRing:
         self.slots = [
             torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)
         ]
-        # Precomputed so that the hot path only re-points (slicing a view costs microseconds).
-        self._views = [[group.views_into(slot) for slot in self.slots] for group in self.groups]
+        # Precomputed so that the hot path only re-points (slicing a view costs microseconds). Blocks of
+        # one layout share their view objects (re-pointing copies a view's metadata, it keeps no
+        # reference), which keeps the hot path's working set small.
+        shared: dict[tuple, list[torch.Tensor]] = {}
+        self._views = [
+            [
+                shared.setdefault((group.layout, index), group.views_into(slot))
+                for index, slot in enumerate(self.slots)
+            ]
+            for group in self.groups
+        ]
         self._dst = [[slot[: group.nbytes] for slot in self.slots] for group in self.groups]
 
     def free(self) -> None:
