@@ -1,12 +1,17 @@
 """diffusers-offload: run large diffusion pipelines on small accelerators.
 
-Model-level swap and layer-wise weight streaming, attached through diffusers' hook registry.
+Model-level swap and layer-wise weight streaming, attached through diffusers' hook registry; a memory
+budget planner chooses between them.
 """
 
+from .budget import format_bytes, parse_bytes
 from .handle import OffloadHandle
 from .layerwise import apply_layerwise_offload
 from .model_swap import apply_model_offload
 from .pipeline import OffloadMixin, OffloadPipeline, attach
+from .placement import Placement, apply_placements
+from .planning import Plan, plan_offload
+from .report import OffloadReport
 
 __version__ = "0.1.0"
 
@@ -14,7 +19,14 @@ __all__ = [
     "OffloadHandle",
     "OffloadMixin",
     "OffloadPipeline",
+    "OffloadReport",
+    "Placement",
+    "Plan",
     "apply_layerwise_offload",
     "apply_model_offload",
+    "apply_placements",
     "attach",
+    "format_bytes",
+    "parse_bytes",
+    "plan_offload",
 ]
