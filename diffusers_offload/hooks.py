@@ -53,11 +53,21 @@ class SwapEntryHook(ModelHook):
 
 def register_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> Callable[[], None]:
     """Registers `hook` on `module`; returns the function that removes it again."""
+    created = not hasattr(module, "_diffusers_hook")
+    had_own_forward = "forward" in module.__dict__
     registry = HookRegistry.check_if_exists_or_initialize(module)
     registry.register_hook(hook, name)
 
     def remove() -> None:
         registry.remove_hook(name, recurse=False)
+        if not created or registry.hooks or getattr(module, "_diffusers_hook", None) is not registry:
+            return
+        # Leave no state behind that we introduced: the registry, and the bound `forward` the registry
+        # sets on the instance when its last hook goes.
+        del module._diffusers_hook
+        forward = module.__dict__.get("forward")
+        if not had_own_forward and getattr(forward, "__func__", None) is type(module).forward:
+            del module.forward
 
     return remove
 

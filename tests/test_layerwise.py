@@ -26,6 +26,9 @@ def test_bitwise_equal_over_consecutive_calls(dit, prefetch, resident_blocks):
         assert ring.stats.on_demand_loads == 1
     handle.remove()
     dit.assert_restored()
+    for module in dit.model.modules():  # no hook, registry or marker left behind
+        assert not hasattr(module, "_diffusers_hook") and "forward" not in vars(module)
+        assert not hasattr(module, "_diffusers_offload_handle")
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
