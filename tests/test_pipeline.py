@@ -234,3 +234,37 @@ def test_streamed_encoders_are_bitwise_and_bounded(pipe, reference, prefetch):
     assert all(ring.stats.calls > 0 for ring in streamed.values())
     pipe.disable_offload()
     assert torch.equal(generate(pipe), reference)
+
+
+def test_default_device_without_accelerator_warns_and_uses_cpu(pipe, reference):
+    with pytest.warns(UserWarning, match="saves no memory"):
+        handle = pipe.enable_model_offload()
+    assert handle.device == torch.device("cpu") and handle.pin_memory is False
+    assert torch.equal(generate(pipe), reference)
+    pipe.disable_offload()
+
+
+def test_pin_memory_needs_an_accelerator(pipe):
+    with pytest.raises(ValueError, match="pin_memory"):
+        pipe.enable_layerwise_offload("cpu", pin_memory=True)
+    assert pipe.offload_handle is None
+
+
+def test_unknown_pipeline_layout_says_how_to_declare_an_adapter():
+    class Strange:
+        """A pipeline-like object whose only model has no block list."""
+
+        def __init__(self):
+            self.model = torch.nn.Linear(4, 4)
+
+    pipe = dof.attach(Strange())
+    with pytest.raises(ValueError, match="register_adapter"):
+        pipe.enable_layerwise_offload("cpu")
+    assert pipe.offload_handle is None
+
+
+def test_unknown_block_list_names_the_lists_that_exist():
+    model = build_tiny_sd3_pipeline().transformer
+    with pytest.raises(ValueError, match="transformer_blocks"):
+        dof.apply_layerwise_offload(model, ["blocks"], device="cpu")
+    assert not hasattr(model, "_diffusers_offload_handle")
