@@ -133,13 +133,16 @@ def build_ring(
     prefetch: int,
     placeholders: PlaceholderCache,
     copier: Copier,
+    *,
+    allocate: bool = True,
 ) -> PrefetchRing:
-    """Packs each streamed block, builds their ring and hooks every block to it."""
+    """Packs each streamed block, builds their ring and hooks every block to it; `allocate=False`
+    leaves the slots to be allocated when the ring is first used."""
     groups = [
         pack_group(handle, f"{type(block).__name__}[{i}]", tensors, placeholders)
         for i, (block, tensors) in enumerate(zip(streamed, block_tensors, strict=True))
     ]
-    ring = PrefetchRing(groups, handle.device, prefetch, copier)
+    ring = PrefetchRing(groups, handle.device, prefetch, copier, allocate=allocate)
     handle.rings.append(ring)
     handle.on_remove(lambda _target: ring.free())
     for position, block in enumerate(streamed):

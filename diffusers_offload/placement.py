@@ -180,13 +180,12 @@ def _apply(
                 check_packable(tensors, name)
                 claimed.update(id(t) for t in tensors)
             group = pack_group(handle, f"{name}.rest", rest, placeholders)
-            ring = (
-                build_ring(handle, streamed, block_tensors, placement.prefetch, placeholders, copier)
-                if streamed
-                else None
-            )
-            if ring is not None:
-                ring.free()  # slots are allocated when the component is entered
+            # Slots are allocated when the component is entered, and given back when it leaves.
+            ring = None
+            if streamed:
+                ring = build_ring(
+                    handle, streamed, block_tensors, placement.prefetch, placeholders, copier, allocate=False
+                )
             record.ring = ring
             record.member = swap_set.add(SwapMember(name, group, ring))
         record.resident_bytes = handle.resident_bytes - before

@@ -33,7 +33,13 @@ class PrefetchRing:
     """Streams `groups` (in expected execution order) through `prefetch + 1` fixed device slots."""
 
     def __init__(
-        self, groups: Sequence[WeightGroup], device: torch.device, prefetch: int, copier: Copier
+        self,
+        groups: Sequence[WeightGroup],
+        device: torch.device,
+        prefetch: int,
+        copier: Copier,
+        *,
+        allocate: bool = True,
     ) -> None:
         if not groups:
             raise ValueError("PrefetchRing needs at least one group to stream.")
@@ -47,7 +53,8 @@ class PrefetchRing:
         self.slot_bytes = max(group.nbytes for group in self.groups)
         self._src = [group.slab.data for group in self.groups]
         self.slots: list[torch.Tensor] = []
-        self.allocate()
+        if allocate:
+            self.allocate()
         self.slot_owner = [EMPTY] * num_slots
         self.slot_of = [EMPTY] * count
         self._copied = [copier.new_event() for _ in range(num_slots)]
