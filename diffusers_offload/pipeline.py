@@ -7,12 +7,15 @@ from typing import Any
 
 import torch
 
+from model_registry import ModelAdapter, get_adapter, pipeline_modules
+
 from .budget import parse_bytes
 from .devices import is_accelerator, resolve_device
 from .handle import OffloadHandle
 from .placement import Placement, apply_placements
 from .planning import DEFAULT_RESERVE, Plan, plan_offload
 from .report import OffloadReport, build_report
+from .sizing import measure_components
 from .transfer import Copier
 
 # Left free when no budget is given: the CUDA context, other processes' allocations, fragmentation.
@@ -21,16 +24,21 @@ FREE_MEMORY_MARGIN = 0.9
 ENCODER_POLICIES = ("swap", "stream")
 
 
-def _adapter_for(pipe: Any, adapter: Any | None) -> Any:
-    if adapter is not None:
-        return adapter
-    from model_registry import get_adapter
+def _adapter_for(pipe: Any, adapter: ModelAdapter | None) -> ModelAdapter:
+    return adapter if adapter is not None else get_adapter(pipe)
 
-    return get_adapter(pipe)
+
+def _declared(adapter: ModelAdapter, name: str) -> dict[str, tuple[str, ...]]:
+    """The placement fields an adapter declares for component `name`, whatever its strategy."""
+    return dict(
+        entry_methods=tuple(adapter.entry_methods.get(name, ())),
+        host_only=tuple(adapter.host_only.get(name, ())),
+        resident_tensors=tuple(adapter.resident_tensors.get(name, ())),
+    )
 
 
 def placements_for(
-    adapter: Any,
+    adapter: ModelAdapter,
     modules: dict[str, torch.nn.Module],
     *,
     denoiser: str,
@@ -49,11 +57,7 @@ def placements_for(
         )
     placements = {}
     for name in modules:
-        common = dict(
-            entry_methods=tuple(adapter.entry_methods.get(name, ())),
-            host_only=tuple(adapter.host_only.get(name, ())),
-            resident_tensors=tuple(adapter.resident_tensors.get(name, ())),
-        )
+        common = _declared(adapter, name)
         blocks = tuple(adapter.block_paths(name))
         if name == adapter.denoiser and denoiser == "streamed":
             placements[name] = Placement("streamed", blocks, _as_tuple(resident_blocks), prefetch, **common)
@@ -65,17 +69,13 @@ def placements_for(
 
 
 def placements_from_plan(
-    adapter: Any, modules: dict[str, torch.nn.Module], plan: Plan
+    adapter: ModelAdapter, modules: dict[str, torch.nn.Module], plan: Plan
 ) -> dict[str, Placement]:
     """Placements that carry out a planner's `Plan` (block indices refer to the adapter's block lists)."""
     placements = {}
     for name in modules:
         chosen = plan.component(name)
-        common = dict(
-            entry_methods=tuple(adapter.entry_methods.get(name, ())),
-            host_only=tuple(adapter.host_only.get(name, ())),
-            resident_tensors=tuple(adapter.resident_tensors.get(name, ())),
-        )
+        common = _declared(adapter, name)
         if chosen.strategy == "streamed":
             placements[name] = Placement(
                 "streamed",
@@ -97,11 +97,9 @@ def plan_for_pipeline(
     strategy: str,
     prefetch: int = 1,
     reserve: int | str = DEFAULT_RESERVE,
-    adapter: Any | None = None,
+    adapter: ModelAdapter | None = None,
 ) -> Plan:
     """Plans `pipe`'s placement on `device` within `vram_budget` (None: the device's free memory)."""
-    from .sizing import measure_components
-
     adapter = _adapter_for(pipe, adapter)
     total = None
     if is_accelerator(device):
@@ -136,13 +134,13 @@ class OffloadMixin:
         self,
         kind: str,
         placements: dict[str, Placement],
-        device: Any,
-        pin_memory: Any,
-        copier: Any,
+        device: str | torch.device | None,
+        pin_memory: bool | None,
+        copier: Copier | None,
         plan: Plan | None = None,
     ) -> OffloadHandle:
         self._check_not_enabled()
-        modules = _modules(self)
+        modules = pipeline_modules(self)
         handle = apply_placements(modules, placements, device, pin_memory, kind=kind, copier=copier)
         handle.plan = plan
         self._offload_handle = handle
@@ -163,7 +161,7 @@ class OffloadMixin:
         prefetch: int = 1,
         reserve: int | str = DEFAULT_RESERVE,
         pin_memory: bool | None = None,
-        adapter: Any | None = None,
+        adapter: ModelAdapter | None = None,
         copier: Copier | None = None,
     ) -> OffloadHandle:
         """Picks the fastest placement that fits `vram_budget`: everything resident if it fits, else model
@@ -179,7 +177,7 @@ class OffloadMixin:
         plan = plan_for_pipeline(
             self, vram_budget, device, strategy="auto", prefetch=prefetch, reserve=reserve, adapter=adapter
         )
-        placements = placements_from_plan(adapter, _modules(self), plan)
+        placements = placements_from_plan(adapter, pipeline_modules(self), plan)
         return self._enable("auto", placements, device, pin_memory, copier, plan)
 
     def offload_report(self) -> OffloadReport:
@@ -193,7 +191,7 @@ class OffloadMixin:
         device: str | torch.device | None = None,
         *,
         pin_memory: bool | None = None,
-        adapter: Any | None = None,
+        adapter: ModelAdapter | None = None,
         copier: Copier | None = None,
     ) -> OffloadHandle:
         """Components (DiT, encoders, VAE) take turns on `device`: each is loaded just before it runs.
@@ -203,7 +201,7 @@ class OffloadMixin:
         """
         self._check_not_enabled()
         adapter = _adapter_for(self, adapter)
-        placements = placements_for(adapter, _modules(self), denoiser="swapped")
+        placements = placements_for(adapter, pipeline_modules(self), denoiser="swapped")
         return self._enable("model", placements, device, pin_memory, copier)
 
     def enable_layerwise_offload(
@@ -216,7 +214,7 @@ class OffloadMixin:
         vram_budget: int | str | None = None,
         reserve: int | str = DEFAULT_RESERVE,
         pin_memory: bool | None = None,
-        adapter: Any | None = None,
+        adapter: ModelAdapter | None = None,
         copier: Copier | None = None,
     ) -> OffloadHandle:
         """Streams the DiT's blocks to `device` block by block, `prefetch` blocks ahead.
@@ -244,11 +242,11 @@ class OffloadMixin:
                 reserve=reserve,
                 adapter=adapter,
             )
-            placements = placements_from_plan(adapter, _modules(self), plan)
+            placements = placements_from_plan(adapter, pipeline_modules(self), plan)
             return self._enable("layerwise", placements, device, pin_memory, copier, plan)
         placements = placements_for(
             adapter,
-            _modules(self),
+            pipeline_modules(self),
             denoiser="streamed",
             prefetch=prefetch,
             resident_blocks=resident_blocks,
@@ -290,12 +288,6 @@ class OffloadMixin:
                 "first, then save_pretrained()."
             )
         return super().save_pretrained(*args, **kwargs)  # type: ignore[misc]
-
-
-def _modules(pipe: Any) -> dict[str, torch.nn.Module]:
-    from model_registry import pipeline_modules
-
-    return pipeline_modules(pipe)
 
 
 _MIXED_CLASSES: dict[type, type] = {}
