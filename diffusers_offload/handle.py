@@ -81,9 +81,15 @@ class OffloadHandle:
         if self.removed:
             raise RuntimeError("This offload handle was already removed; there is nothing left to undo.")
         target = torch.device(device) if device is not None else None
-        self.removed = True
+        if self.device.type not in ("cpu", "meta"):
+            # Copies may still be in flight from the host slabs that the undo steps are about to free.
+            torch.accelerator.synchronize(self.device)
+        # A step is dropped only once it succeeded, so a removal that failed (e.g. out of memory while
+        # restoring to the device) can be retried.
         while self._undo:
-            self._undo.pop()(target)
+            self._undo[-1](target)
+            self._undo.pop()
+        self.removed = True
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else f"host {self.host_bytes / 2**20:.1f} MiB"

@@ -13,12 +13,11 @@ import torch
 class HostSlab:
     """One contiguous uint8 host buffer of exactly `nbytes`, page-locked when `pin` is true."""
 
-    __slots__ = ("data", "nbytes", "pinned", "_registered_with")
+    __slots__ = ("data", "nbytes", "_registered_with")
 
     def __init__(self, nbytes: int, *, pin: bool, device_type: str = "cuda") -> None:
         self.nbytes = nbytes
         self.data = torch.empty(nbytes, dtype=torch.uint8)
-        self.pinned = False
         self._registered_with: str | None = None
         if pin and nbytes > 0:
             self._pin(device_type)
@@ -26,7 +25,8 @@ class HostSlab:
     def _pin(self, device_type: str) -> None:
         if device_type == "cuda" and torch.cuda.is_available():
             # cudaHostRegister page-locks the existing allocation: no rounding, no second copy.
-            flags = 0  # cudaHostRegisterDefault
+            # Portable: page-locked for every device's context, not only the current one (cuda:1, ...).
+            flags = 1  # cudaHostRegisterPortable
             err = torch.cuda.cudart().cudaHostRegister(self.data.data_ptr(), self.nbytes, flags)
             if int(err) != 0:
                 raise RuntimeError(
@@ -37,7 +37,6 @@ class HostSlab:
         else:
             # Other backends: fall back to the caching host allocator (rounded, but pinned).
             self.data = self.data.pin_memory()
-        self.pinned = True
 
     def release(self) -> None:
         """Unregister and drop the buffer; views into it must no longer be used."""
@@ -45,4 +44,3 @@ class HostSlab:
             torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
             self._registered_with = None
         self.data = torch.empty(0, dtype=torch.uint8)
-        self.pinned = False

@@ -264,8 +264,8 @@ class OffloadMixin:
                 "Offloading is not enabled on this pipeline; call pipe.enable_model_offload() or "
                 "pipe.enable_layerwise_offload() first."
             )
-        handle, self._offload_handle = self._offload_handle, None
-        handle.remove(device)
+        self._offload_handle.remove(device)
+        self._offload_handle = None
 
     @property
     def _execution_device(self) -> torch.device:

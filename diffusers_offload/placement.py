@@ -54,6 +54,7 @@ class ComponentRecord:
     member: SwapMember | None = None
     ring: PrefetchRing | None = None
     resident_bytes: int = 0
+    resident_blocks: int = 0  # blocks of a streamed component that are loaded with its rest
     groups: list[WeightGroup] = field(default_factory=list)  # every host slab of this component
     host_only: list[SwapSet] = field(default_factory=list)
 
@@ -175,6 +176,7 @@ def _apply(
             blocks = resolve_blocks(module, placement.block_lists)
             keep = resident_indices(placement.resident_blocks, len(blocks))
             streamed = [block for i, block in enumerate(blocks) if i not in keep]
+            record.resident_blocks = len(keep)
             rest, block_tensors = partition_tensors(module, streamed, claimed)
             for tensors in (rest, *block_tensors):
                 check_packable(tensors, name)

@@ -94,30 +94,25 @@ def build_report(handle: OffloadHandle, plan: object | None = None) -> OffloadRe
     rows = []
     for name, record in handle.components.items():
         member, ring = record.member, record.ring
-        weights = record.resident_bytes
-        held = record.resident_bytes
+        weights = held = record.resident_bytes
         loads = moved = misses = 0
-        if member is not None:
-            if member.device_buffer is not None and member.group is not None:
-                weights += member.group.data_bytes
-                held += member.device_buffer.numel()
-            loads += member.loads
-            moved += member.bytes_moved
+        for swapped in (member, *(m for own in record.host_only for m in own.members)):
+            if swapped is None:
+                continue
+            if swapped.device_buffer is not None and swapped.group is not None:
+                weights += swapped.group.data_bytes
+                held += swapped.device_buffer.numel()
+            loads += swapped.loads
+            moved += swapped.bytes_moved
+        streamed = 0
         if ring is not None:
+            stats = ring.stats
             weights += sum(ring.groups[owner].data_bytes for owner in ring.slot_owner if owner >= 0)
             held += ring.device_bytes
-            loads += ring.stats.loads
-            moved += ring.stats.bytes_moved
-            misses += ring.stats.on_demand_loads
-        for own_set in record.host_only:
-            for extra in own_set.members:
-                if extra.device_buffer is not None and extra.group is not None:
-                    weights += extra.group.data_bytes
-                    held += extra.device_buffer.numel()
-                loads += extra.loads
-                moved += extra.bytes_moved
-        streamed = len(ring.groups) if ring is not None else 0
-        total_blocks = len(_blocks(record)) if record.placement.strategy == "streamed" else 0
+            loads += stats.loads
+            moved += stats.bytes_moved
+            misses += stats.on_demand_loads
+            streamed = len(ring.groups)
         rows.append(
             ComponentReport(
                 name=name,
@@ -126,7 +121,7 @@ def build_report(handle: OffloadHandle, plan: object | None = None) -> OffloadRe
                 device_weight_bytes=weights,
                 device_reserved_bytes=held,
                 blocks_streamed=streamed,
-                blocks_resident=total_blocks - streamed,
+                blocks_resident=record.resident_blocks,
                 loads=loads,
                 bytes_moved=moved,
                 on_demand_loads=misses,
@@ -135,9 +130,3 @@ def build_report(handle: OffloadHandle, plan: object | None = None) -> OffloadRe
     device = handle.device
     peak = torch.accelerator.max_memory_allocated(device) if is_accelerator(device) else None
     return OffloadReport(handle.kind, str(device), tuple(rows), plan, peak)
-
-
-def _blocks(record) -> list[torch.nn.Module]:
-    from .layerwise import resolve_blocks
-
-    return resolve_blocks(record.module, record.placement.block_lists)

@@ -51,17 +51,15 @@ class PrefetchRing:
         self.device = device
         self.num_slots = num_slots
         self.slot_bytes = max(group.nbytes for group in self.groups)
-        self._src = [group.slab.data for group in self.groups]
-        self.slots: list[torch.Tensor] = []
-        if allocate:
-            self.allocate()
         self.slot_owner = [EMPTY] * num_slots
         self.slot_of = [EMPTY] * count
         self._copied = [copier.new_event() for _ in range(num_slots)]
         self._released = [copier.new_event() for _ in range(num_slots)]
-        self._ever_released = [False] * num_slots
         # Synchronous copiers (the CPU) order nothing with events: skip those calls on the hot path.
-        self._events = getattr(copier, "uses_events", True)
+        self._events = copier.uses_events
+        self.slots: list[torch.Tensor] = []
+        if allocate:
+            self.allocate()
         self._ahead = [
             tuple((position + step) % count for step in range(1, self.lookahead + 1))
             for position in range(count)
@@ -85,6 +83,12 @@ class PrefetchRing:
         self.slots = [
             torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)
         ]
+        self._src = [group.slab.data for group in self.groups]
+        if self._events:
+            # Fresh slots may reuse memory that work queued on the compute stream still reads: order
+            # the first copy into each slot after everything queued so far.
+            for event in self._released:
+                self.copier.record(event)
         # Precomputed so that the hot path only re-points (slicing a view costs microseconds). Blocks of
         # one layout share their view objects (re-pointing copies a view's metadata, it keeps no
         # reference), which keeps the hot path's working set small.
@@ -105,7 +109,8 @@ class PrefetchRing:
             for event in self._copied:
                 # The compute stream must not reuse a slot's memory before copies still in flight land in it.
                 self.copier.wait(event)
-        self.slots, self._views, self._dst = [], [], []
+        # Dropping the slab references too: after removal the slabs must be freeable.
+        self.slots, self._views, self._dst, self._src = [], [], [], []
 
     def acquire(self, position: int) -> None:
         """Called before block `position` computes: its weights are in a slot once compute proceeds."""
@@ -130,7 +135,6 @@ class PrefetchRing:
             slot = self.slot_of[position]
             if slot != EMPTY:
                 self.copier.record(self._released[slot])
-                self._ever_released[slot] = True
 
     def _load(self, position: int, window_start: int) -> int:
         slot = self._victim(window_start)
@@ -138,8 +142,9 @@ class PrefetchRing:
         if owner != EMPTY:
             self.groups[owner].offload()
             self.slot_of[owner] = EMPTY
-        after = self._released[slot] if self._ever_released[slot] else None
-        self.copier.copy(self._dst[position][slot], self._src[position], self._copied[slot], after)
+        self.copier.copy(
+            self._dst[position][slot], self._src[position], self._copied[slot], self._released[slot]
+        )
         group = self.groups[position]
         group.point_to(self._views[position][slot])
         self.slot_owner[slot] = position

@@ -25,12 +25,6 @@ class SwapMember:
         self.loads = 0
         self.bytes_moved = 0
 
-    @property
-    def device_bytes(self) -> int:
-        """Bytes this member holds on the device right now."""
-        own = self.device_buffer.numel() if self.device_buffer is not None else 0
-        return own + (self.ring.device_bytes if self.ring is not None else 0)
-
 
 class SwapSet:
     """Loading one member evicts every other member first, so at most one is materialised at a time."""
@@ -62,9 +56,7 @@ class SwapSet:
             member.device_buffer = buffer
             member.bytes_moved += group.nbytes
             member.loads += 1
-        if member.ring is not None:
-            member.ring.allocate()
-        self.active = member
+        self.active = member  # a streamed member's ring allocates its slots at its first block
 
     def _evict(self, member: SwapMember) -> None:
         if member.group is not None and member.device_buffer is not None:

@@ -70,7 +70,7 @@ class StreamCopier:
         return torch.Event(device=self.device)
 
     def copy(
-        self, dst: torch.Tensor, src: torch.Tensor, *, done: torch.Event, after: torch.Event | None
+        self, dst: torch.Tensor, src: torch.Tensor, done: torch.Event, after: torch.Event | None
     ) -> None:
         if after is not None:
             self.stream.wait_event(after)

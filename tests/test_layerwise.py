@@ -154,18 +154,36 @@ def test_deferred_copier_catches_unordered_slot_reuse(dit):
     copier = DeferredCopier()
     handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1, copier=copier)
     ring = handle.rings[0]
-    ring._ever_released = _AlwaysFalse()  # a broken ring that never orders a copy after compute
+    ring.release = lambda position: None  # a broken ring that never records the end of a block's use
     dit.run(0)
     assert copier.violations
+    del ring.release
     handle.remove()
 
 
-class _AlwaysFalse(list):
-    def __getitem__(self, index):
-        return False
+def test_stream_copier_matches_the_copier_protocol():
+    # The CPU tests drive the ring through SyncCopier and DeferredCopier; the accelerator copier must
+    # accept the very same calls.
+    import inspect
 
-    def __setitem__(self, index, value):
-        pass
+    from diffusers_offload.transfer import Copier, StreamCopier, SyncCopier
+
+    for name in ("new_event", "copy", "copy_now", "wait", "record"):
+        expected = list(inspect.signature(getattr(Copier, name)).parameters.values())
+        for copier in (StreamCopier, SyncCopier, DeferredCopier):
+            got = list(inspect.signature(getattr(copier, name)).parameters.values())
+            assert [(p.name, p.kind) for p in got] == [(p.name, p.kind) for p in expected], (copier, name)
+        assert StreamCopier.uses_events and DeferredCopier.uses_events and not SyncCopier.uses_events
+
+
+def test_removal_frees_the_host_slabs(dit):
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1)
+    dit.run(0)
+    slabs = [group.slab for group in handle.groups]
+    handle.remove()
+    assert all(slab.nbytes == 0 or slab.data.numel() == 0 for slab in slabs)
+    ring = handle.rings[0]
+    assert not ring.slots and not ring._src  # nothing the handle keeps still references a slab
 
 
 def test_exception_inside_a_block_leaves_model_usable(dit):
