@@ -24,8 +24,11 @@ def test_bitwise_equal_over_consecutive_calls(dit, prefetch, resident_blocks):
         # Only the very first block of the first call is loaded on demand: the rest was prefetched,
         # including block 0 of each later call (the wrap-around).
         assert ring.stats.on_demand_loads == 1
+    slabs = [group.slab.data for group in handle.groups]  # held, so their addresses stay valid
     handle.remove()
     dit.assert_restored()
+    for tensor in [*dit.model.parameters(), *dit.model.buffers()]:  # own storage, not views of a slab
+        assert storage_within(tensor, slabs) is None
     for module in dit.model.modules():  # no hook, registry or marker left behind
         assert not hasattr(module, "_diffusers_hook") and "forward" not in vars(module)
         assert not hasattr(module, "_diffusers_offload_handle")
@@ -50,6 +53,10 @@ def test_at_most_prefetch_plus_one_blocks_materialised(dit, prefetch):
         if running:
             seen_in_blocks += 1
             assert running[0] in loaded
+            # Prefetch, observed from the weights: the next `prefetch` blocks (wrapping around to the
+            # first blocks of the next call) already hold their data while this one computes.
+            for step in range(1, prefetch + 1):
+                assert (running[0] + step) % len(blocks) in loaded
         else:  # outside the blocks: resident parts are ordinary tensors, never placeholders
             assert all(not is_placeholder(t) for t in leaf.parameters())
 
@@ -187,7 +194,8 @@ def test_removal_frees_the_host_slabs(dit):
 
 
 def test_exception_inside_a_block_leaves_model_usable(dit):
-    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1)
+    copier = DeferredCopier()  # records whether the failed block's slot use was closed before reuse
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1, copier=copier)
 
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
@@ -198,6 +206,7 @@ def test_exception_inside_a_block_leaves_model_usable(dit):
     del dit.blocks[2].ff.forward
     for i in range(3):
         assert torch.equal(dit.run(i), dit.references[i])
+    assert copier.violations == []
     handle.remove()
     dit.assert_restored()
 

@@ -92,7 +92,12 @@ def test_layerwise_offload_is_bitwise(pipe, reference, prefetch):
 
 
 def test_layerwise_with_resident_blocks(pipe, reference):
-    pipe.enable_layerwise_offload("cpu", prefetch=1, resident_blocks=1)
+    handle = pipe.enable_layerwise_offload("cpu", prefetch=1, resident_blocks=1)
+    blocks = pipe.transformer.transformer_blocks
+    ring = handle.components["transformer"].ring
+    assert len(ring.groups) == len(blocks) - 1
+    streamed = {id(t) for group in ring.groups for t in group.tensors}
+    assert not any(id(p) in streamed for p in blocks[0].parameters())  # spread: block 0 stays
     assert torch.equal(generate(pipe), reference)
     pipe.disable_offload()
 
