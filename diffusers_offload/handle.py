@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .hooks import refuse_moves
 from .packing import WeightGroup
 from .ring import PrefetchRing
 from .swap import SwapSet
@@ -59,9 +60,12 @@ class OffloadHandle:
         """Registers the undo of a step just done; steps are undone in reverse order."""
         self._undo.append(undo)
 
-    def mark(self, module: torch.nn.Module) -> None:
+    def mark(self, module: torch.nn.Module, name: str | None = None) -> None:
+        """Marks `module` as managed by this handle, and refuses moves/casts of it until removal."""
         setattr(module, MARKER, self)
         self.on_remove(lambda _device: delattr(module, MARKER))
+        undo = refuse_moves(module, name or type(module).__name__)
+        self.on_remove(lambda _device: undo())
 
     @property
     def host_bytes(self) -> int:

@@ -76,8 +76,6 @@ def wrap_entry_method(module: torch.nn.Module, method: str, before: Callable[[],
     """Runs `before()` whenever `module.<method>` is called (e.g. a VAE's `decode`); returns the undo."""
     if not callable(getattr(module, method, None)):
         raise ValueError(f"{type(module).__name__} has no method {method!r} to hook.")
-    had_own = method in module.__dict__
-    previous = module.__dict__.get(method)
     bound = getattr(module, method)
 
     @functools.wraps(bound)
@@ -85,12 +83,38 @@ def wrap_entry_method(module: torch.nn.Module, method: str, before: Callable[[],
         before()
         return bound(*args, **kwargs)
 
-    setattr(module, method, entered)
+    return wrap_attribute(module, method, entered)
+
+
+def refuse_moves(module: torch.nn.Module, name: str) -> Callable[[], None]:
+    """Makes `.to()`, `.cuda()`, `.half()`... on `module` raise while it is offloaded; returns the undo.
+
+    They all go through `nn.Module._apply`, which would convert placeholders and device views behind
+    the offload's back (a cast would be silently undone at the next load).
+    """
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{name} is offloaded: moving or casting it (.to, .cuda, .half, ...) would act on offload "
+            "placeholders. Call pipe.disable_offload() (or handle.remove()) first, then enable offloading "
+            "again; to run in another dtype, load or cast the model before enabling offload."
+        )
+
+    return wrap_attribute(module, "_apply", refused)
+
+
+def wrap_attribute(
+    module: torch.nn.Module, attribute: str, replacement: Callable[..., Any]
+) -> Callable[[], None]:
+    """Sets an instance attribute shadowing a method; returns the undo (which restores any previous one)."""
+    had_own = attribute in module.__dict__
+    previous = module.__dict__.get(attribute)
+    setattr(module, attribute, replacement)
 
     def undo() -> None:
         if had_own:
-            setattr(module, method, previous)
+            setattr(module, attribute, previous)
         else:
-            delattr(module, method)
+            delattr(module, attribute)
 
     return undo

@@ -194,7 +194,7 @@ def _apply(
         record.groups = handle.groups[first_group:]
         if record.member is not None:
             attach_entry(handle, module, swap_set, record.member, placement.entry_methods)
-        handle.mark(module)
+        handle.mark(module, name)
     # Undone first: every member back on placeholders before the groups restore their storage.
     handle.on_remove(lambda _target: swap_set.evict_all())
 

@@ -125,7 +125,7 @@ def test_disable_leaves_no_hooks_or_markers(pipe):
         for module in getattr(pipe, name).modules():
             assert not hasattr(module, "_diffusers_hook")
             assert not hasattr(module, "_diffusers_offload_handle")
-            assert "forward" not in vars(module) and "decode" not in vars(module)
+            assert not {"forward", "decode", "_apply"} & set(vars(module))
 
 
 def test_disable_without_enable_and_calls_after_disable(pipe, reference):
@@ -273,3 +273,18 @@ def test_unknown_block_list_names_the_lists_that_exist():
     with pytest.raises(ValueError, match="transformer_blocks"):
         dof.apply_layerwise_offload(model, ["blocks"], device="cpu")
     assert not hasattr(model, "_diffusers_offload_handle")
+
+
+def test_moving_or_casting_a_component_while_offloaded_is_refused(pipe, reference):
+    pipe.enable_layerwise_offload("cpu")
+    for call in (
+        lambda: pipe.vae.to(torch.float64),
+        lambda: pipe.transformer.half(),
+        lambda: pipe.text_encoder.cpu(),
+    ):
+        with pytest.raises(RuntimeError, match="disable_offload"):
+            call()
+    assert torch.equal(generate(pipe), reference)  # nothing was converted
+    pipe.disable_offload()
+    pipe.vae.to(torch.float64)  # an ordinary module again
+    assert pipe.vae.dtype == torch.float64
