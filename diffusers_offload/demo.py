@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .pipeline import attach
+from .tables import format_table
 from .tiny.sd3 import TINY_SD3_CALL, build_tiny_sd3_pipeline
 
 STRATEGIES = ("none", "model", "layerwise")
@@ -54,10 +55,7 @@ def _run(pipe, out: str | Path, device: str | None, prompt: str) -> bool:
         )
         if handle is not None:
             pipe.disable_offload()
-    header = ("strategy", "time", "host copy", "bitwise = none")
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print(format_table(("strategy", "time", "host copy", "bitwise = none"), rows))
     image = pipe.image_processor.postprocess(reference, output_type="pil")[0]
     image.save(out)
     print(f"saved {out}")

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .devices import is_accelerator
 from .hooks import refuse_moves
 from .packing import WeightGroup
 from .ring import PrefetchRing
@@ -85,7 +86,7 @@ class OffloadHandle:
         if self.removed:
             raise RuntimeError("This offload handle was already removed; there is nothing left to undo.")
         target = torch.device(device) if device is not None else None
-        if self.device.type not in ("cpu", "meta"):
+        if is_accelerator(self.device):
             # Copies may still be in flight from the host slabs that the undo steps are about to free.
             torch.accelerator.synchronize(self.device)
         # A step is dropped only once it succeeded, so a removal that failed (e.g. out of memory while

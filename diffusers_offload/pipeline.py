@@ -139,7 +139,6 @@ class OffloadMixin:
         copier: Copier | None,
         plan: Plan | None = None,
     ) -> OffloadHandle:
-        self._check_not_enabled()
         modules = pipeline_modules(self)
         handle = apply_placements(modules, placements, device, pin_memory, kind=kind, copier=copier)
         handle.plan = plan
@@ -184,7 +183,7 @@ class OffloadMixin:
         """What is where and what has moved so far; `print()` it, or show it in a notebook."""
         if self._offload_handle is None:
             raise RuntimeError("Offloading is not enabled on this pipeline; there is nothing to report.")
-        return build_report(self._offload_handle, self._offload_handle.plan)
+        return build_report(self._offload_handle)
 
     def enable_model_offload(
         self,

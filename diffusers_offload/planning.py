@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .budget import format_bytes, parse_bytes
+from .tables import format_table
 
 ROLES = ("denoiser", "encoder", "vae", "other")
 STRATEGIES = ("auto", "model", "layerwise")
@@ -135,16 +136,8 @@ class Plan:
                     per_step,
                 )
             )
-        widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
         # Text columns left-aligned, numeric ones right-aligned so the units line up.
-        right = (False, False, False, True, True, True, True)
-
-        def line(cells: Sequence[str]) -> str:
-            parts = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
-            return "  ".join(parts).rstrip()
-
-        out = [line(headers), line(["-" * w for w in widths])]
-        out.extend(line(row) for row in rows)
+        out = [format_table(headers, rows, right=(False, False, False, True, True, True, True))]
         out.append(
             f"{self._mode()}: peak {format_bytes(self.peak_device_bytes)}"
             f" of {format_bytes(self.budget_bytes)} budget (reserve {format_bytes(self.reserve_bytes)}),"

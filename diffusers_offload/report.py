@@ -10,6 +10,7 @@ import torch
 from .budget import format_bytes
 from .devices import is_accelerator
 from .handle import OffloadHandle
+from .tables import format_table
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,10 @@ class OffloadReport:
         )
 
     def __str__(self) -> str:
-        rows = [_HEADERS, *self._rows()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
-        lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(self._summary())
-        return "\n".join(lines)
+        table = format_table(
+            _HEADERS, self._rows(), right=(False, False, True, True, True, False, True, True)
+        )
+        return f"{table}\n{self._summary()}"
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in _HEADERS)
@@ -87,7 +84,7 @@ class OffloadReport:
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table><p>{summary}</p>"
 
 
-def build_report(handle: OffloadHandle, plan: object | None = None) -> OffloadReport:
+def build_report(handle: OffloadHandle) -> OffloadReport:
     """Reads the engine's state (not the modules) into an `OffloadReport`."""
     if handle.removed:
         raise RuntimeError("This offload handle was removed; enable offloading again to get a report.")
@@ -129,4 +126,4 @@ def build_report(handle: OffloadHandle, plan: object | None = None) -> OffloadRe
         )
     device = handle.device
     peak = torch.accelerator.max_memory_allocated(device) if is_accelerator(device) else None
-    return OffloadReport(handle.kind, str(device), tuple(rows), plan, peak)
+    return OffloadReport(handle.kind, str(device), tuple(rows), handle.plan, peak)
