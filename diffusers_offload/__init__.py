@@ -4,13 +4,9 @@ Model-level swap and layer-wise weight streaming, attached through diffusers' ho
 budget planner chooses between them.
 """
 
-from .budget import format_bytes, parse_bytes
-from .handle import OffloadHandle
-from .layerwise import apply_layerwise_offload
-from .model_swap import apply_model_offload
+from .engine import OffloadHandle, Placement, apply_layerwise_offload, apply_model_offload, apply_placements
 from .pipeline import OffloadMixin, OffloadPipeline, attach
-from .placement import Placement, apply_placements
-from .planning import Plan, plan_offload
+from .planning import Plan, format_bytes, parse_bytes, plan_offload
 from .report import OffloadReport
 
 __version__ = "0.1.0"

@@ -22,10 +22,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     from model_registry import get_adapter
 
-    from .budget import format_bytes, parse_bytes
-    from .meta import build_meta_components
-    from .planning import plan_offload
-    from .sizing import measure_components
+    from .planning import format_bytes, measure_components, parse_bytes, plan_offload
+    from .planning.meta import build_meta_components
 
     parse_bytes(args.budget)  # a bad budget string fails before any model is built
     class_name, components = build_meta_components(args.model, dtype=getattr(torch, args.dtype))

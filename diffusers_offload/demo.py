@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .pipeline import attach
-from .tables import format_table
+from .planning.tables import format_table
 from .tiny.sd3 import TINY_SD3_CALL, build_tiny_sd3_pipeline
 
 STRATEGIES = ("none", "model", "layerwise")

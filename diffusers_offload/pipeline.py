@@ -9,14 +9,11 @@ import torch
 
 from model_registry import ModelAdapter, get_adapter, pipeline_modules
 
-from .budget import parse_bytes
-from .devices import is_accelerator, resolve_device
-from .handle import OffloadHandle
-from .placement import Placement, apply_placements
-from .planning import DEFAULT_RESERVE, Plan, plan_offload
+from .engine import OffloadHandle, Placement, apply_placements
+from .engine.devices import is_accelerator, resolve_device
+from .engine.transfer import Copier
+from .planning import DEFAULT_RESERVE, Plan, measure_components, parse_bytes, plan_offload
 from .report import OffloadReport, build_report
-from .sizing import measure_components
-from .transfer import Copier
 
 # Left free when no budget is given: the CUDA context, other processes' allocations, fragmentation.
 FREE_MEMORY_MARGIN = 0.9

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import format_bytes
-from .devices import is_accelerator
-from .handle import OffloadHandle
-from .tables import format_table
+from .engine import OffloadHandle
+from .engine.devices import is_accelerator
+from .planning import format_bytes
+from .planning.tables import format_table
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Per-model adapters: which pipeline attributes hold the DiT, the encoders and the VAE, and which
-ModuleLists form streamable blocks. Importing the package registers the shipped adapters."""
+"""Per-model adapters, declarations only: the DiT, encoders and VAE of a pipeline and their block lists.
+May use torch only; never diffusers_offload. Importing the package registers the shipped adapters.
+"""
 
 from . import longcat_image, nextstep, ovis_image, qwen_image, sd3, z_image  # noqa: F401  (register on import)
 from .adapter import ModelAdapter, find_module_lists, pipeline_modules, resolve_path

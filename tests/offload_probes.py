@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from diffusers_offload.packing import is_placeholder
+from diffusers_offload.engine.packing import is_placeholder
 
 
 def materialised(module: torch.nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""Packing a group of modules' weights into one contiguous host slab.
+"""Splitting a module's weights into groups, and packing each group into one contiguous host slab.
 
 A `WeightGroup` owns the host copy of a set of tensors (parameters and buffers, each once even when
 shared). Where the tensors live is only ever changed by re-pointing `tensor.data`: at a view into the
@@ -35,6 +35,38 @@ def collect_tensors(
                 claimed.add(id(tensor))
                 tensors.append(tensor)
     return tensors
+
+
+def _modules_outside(root: torch.nn.Module, excluded: set[int]) -> Iterable[torch.nn.Module]:
+    """Every module of `root` not inside a module whose id is in `excluded`."""
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in excluded:
+            continue
+        yield module
+        stack.extend(module._modules.values())
+
+
+def partition_tensors(
+    module: torch.nn.Module, streamed: Sequence[torch.nn.Module], exclude: set[int]
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Splits `module`'s tensors (minus ids in `exclude`) into the rest and one list per streamed block.
+
+    A tensor used outside the streamed blocks, or by two of them, belongs to the rest: a streamed block
+    may only own what nothing else reads.
+    """
+    rest = collect_tensors(_modules_outside(module, {id(b) for b in streamed}), set(exclude), recurse=False)
+    rest_ids = {id(t) for t in rest} | exclude
+    per_block = [collect_tensors([block], set()) for block in streamed]
+    seen: set[int] = set()
+    for tensors in per_block:
+        for tensor in tensors:
+            if id(tensor) in seen and id(tensor) not in rest_ids:
+                rest_ids.add(id(tensor))
+                rest.append(tensor)
+            seen.add(id(tensor))
+    return rest, [[t for t in tensors if id(t) not in rest_ids] for tensors in per_block]
 
 
 def check_packable(tensors: Sequence[torch.Tensor], where: str) -> None:

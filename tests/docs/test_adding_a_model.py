@@ -12,7 +12,7 @@ from diffusers_offload.tiny._tokenizers import build_tiny_clip_tokenizer, build_
 from diffusers_offload.tiny.z_image import build_tiny_flux_vae
 from model_registry import get_adapter, lookup_adapter, unregister_adapter
 
-DOC = Path(__file__).parents[1] / "docs" / "adding-a-model.md"
+DOC = Path(__file__).parents[2] / "docs" / "adding-a-model.md"
 
 
 def build_tiny_flux_pipeline() -> FluxPipeline:

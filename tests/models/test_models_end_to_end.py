@@ -10,7 +10,7 @@ from nextstep_standin import TINY_NEXTSTEP_CALL, build_tiny_nextstep_pipeline
 from offload_probes import on_every_leaf_forward
 
 import diffusers_offload as dof
-from diffusers_offload.packing import is_placeholder
+from diffusers_offload.engine.packing import is_placeholder
 from diffusers_offload.tiny.longcat_image import TINY_LONGCAT_IMAGE_CALL, build_tiny_longcat_image_pipeline
 from diffusers_offload.tiny.ovis_image import TINY_OVIS_IMAGE_CALL, build_tiny_ovis_image_pipeline
 from diffusers_offload.tiny.qwen_image import TINY_QWEN_IMAGE_CALL, build_tiny_qwen_image_pipeline

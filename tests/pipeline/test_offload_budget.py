@@ -5,8 +5,8 @@ import torch
 from offload_probes import on_every_leaf_forward
 
 import diffusers_offload as dof
-from diffusers_offload.packing import is_placeholder
-from diffusers_offload.sizing import measure_components
+from diffusers_offload.engine.packing import is_placeholder
+from diffusers_offload.planning.sizing import measure_components
 from diffusers_offload.tiny.sd3 import TINY_SD3_CALL, build_tiny_sd3_pipeline, build_tiny_sd3_transformer
 from model_registry import get_adapter
 

@@ -6,7 +6,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from offload_probes import DeferredCopier, materialised, on_every_leaf_forward, storage_within
 
 import diffusers_offload as dof
-from diffusers_offload.packing import is_placeholder
+from diffusers_offload.engine.packing import is_placeholder
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
@@ -173,7 +173,7 @@ def test_stream_copier_matches_the_copier_protocol():
     # accept the very same calls.
     import inspect
 
-    from diffusers_offload.transfer import Copier, StreamCopier, SyncCopier
+    from diffusers_offload.engine.transfer import Copier, StreamCopier, SyncCopier
 
     for name in ("new_event", "copy", "copy_now", "wait", "record"):
         expected = list(inspect.signature(getattr(Copier, name)).parameters.values())

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..engine.blocks import spread_indices
 from .budget import format_bytes, parse_bytes
 from .tables import format_table
 
@@ -61,7 +62,7 @@ _GIB = 1 << 30
 
 
 class ComponentSizesLike(Protocol):
-    """The fields the planner reads from ``diffusers_offload.sizing.ComponentSizes``."""
+    """The fields the planner reads from ``planning.sizing.ComponentSizes``."""
 
     @property
     def name(self) -> str: ...
@@ -180,11 +181,6 @@ class _Layout:
     slot_bytes: int
     active: int  # non-block part + resident blocks + ring
     moved: int  # streamed block bytes per forward
-
-
-def spread_indices(n: int, k: int) -> tuple[int, ...]:
-    """k of n indices spread evenly, starting at 0: gaps (and the tail to n) differ by at most 1."""
-    return tuple(j * n // k for j in range(min(k, n)))
 
 
 def _largest(blocks: tuple[int, ...], k: int) -> tuple[int, ...]:

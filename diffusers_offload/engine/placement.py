@@ -1,7 +1,8 @@
 """Applying a placement to a set of named components: resident, swapped or streamed.
 
-This is the mechanism under `enable_model_offload`, `enable_layerwise_offload` and `enable_offload`:
-the policy (which component gets which strategy) is decided before, by the caller or the planner.
+This is the one mechanism under every entry point: a pipeline's `enable_*_offload` and, for modules you
+hold yourself, `apply_layerwise_offload` / `apply_model_offload` (`standalone.py`). The policy (which
+component gets which strategy) is decided before, by the caller or the planner.
 """
 
 from __future__ import annotations
@@ -10,20 +11,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.hooks import ModelHook
 
+from .blocks import check_prefetch, resident_indices, resolve_blocks
 from .devices import resolve_device, resolve_pin_memory
 from .handle import OffloadHandle, ensure_not_offloaded
-from .hooks import SWAP_ENTRY_HOOK, SwapEntryHook, register_hook, wrap_entry_method
-from .layerwise import (
-    build_ring,
-    check_prefetch,
-    move_resident,
-    pack_group,
-    partition_tensors,
-    resident_indices,
-    resolve_blocks,
+from .hooks import (
+    STREAMED_BLOCK_HOOK,
+    SWAP_ENTRY_HOOK,
+    StreamedBlockHook,
+    SwapEntryHook,
+    register_hook,
+    wrap_entry_method,
 )
-from .packing import PlaceholderCache, WeightGroup, check_packable, collect_tensors
+from .packing import PlaceholderCache, WeightGroup, check_packable, collect_tensors, partition_tensors
 from .ring import PrefetchRing
 from .swap import SwapMember, SwapSet
 from .transfer import Copier, make_copier
@@ -42,6 +43,7 @@ class Placement:
     entry_methods: tuple[str, ...] = ()  # methods other than forward that enter the component
     host_only: tuple[str, ...] = ()  # submodules left on the host, loaded only if called
     resident_tensors: tuple[str, ...] = ()  # parameters/buffers read from outside the component
+    rest_resident: bool = False  # streamed: the non-block part stays on the device, not swapped
 
 
 @dataclass
@@ -75,6 +77,11 @@ def _validate(named: Mapping[str, torch.nn.Module], placements: Mapping[str, Pla
                 f"Component {name!r}: strategy must be one of {STRATEGIES}, got {placement.strategy!r}."
             )
         check_prefetch(placement.prefetch)
+        if placement.rest_resident and placement.strategy != "streamed":
+            raise ValueError(
+                f"Component {name!r}: rest_resident applies to the 'streamed' strategy only, "
+                f"not {placement.strategy!r}."
+            )
         if placement.strategy == "streamed":
             if not placement.block_lists:
                 raise ValueError(
@@ -178,16 +185,19 @@ def _apply(
             streamed = [block for i, block in enumerate(blocks) if i not in keep]
             record.resident_blocks = len(keep)
             rest, block_tensors = partition_tensors(module, streamed, claimed)
-            for tensors in (rest, *block_tensors):
+            packed = block_tensors if placement.rest_resident else [rest, *block_tensors]
+            for tensors in packed:
                 check_packable(tensors, name)
-                claimed.update(id(t) for t in tensors)
-            group = pack_group(handle, f"{name}.rest", rest, placeholders)
+            claimed.update(id(t) for tensors in (rest, *block_tensors) for t in tensors)
+            group = None
+            if placement.rest_resident:
+                move_resident(handle, rest, device)
+            else:
+                group = pack_group(handle, f"{name}.rest", rest, placeholders)
             # Slots are allocated when the component is entered, and given back when it leaves.
             ring = None
             if streamed:
-                ring = build_ring(
-                    handle, streamed, block_tensors, placement.prefetch, placeholders, copier, allocate=False
-                )
+                ring = build_ring(handle, streamed, block_tensors, placement.prefetch, placeholders, copier)
             record.ring = ring
             record.member = swap_set.add(SwapMember(name, group, ring))
         record.resident_bytes = handle.resident_bytes - before
@@ -195,6 +205,10 @@ def _apply(
         if record.member is not None:
             attach_entry(handle, module, swap_set, record.member, placement.entry_methods)
         handle.mark(module, name)
+    # A member alone in its swap set is never pushed out: its slots are allocated now, so that a device
+    # too small fails here rather than in the middle of a step.
+    if len(swap_set.members) == 1 and swap_set.members[0].ring is not None:
+        swap_set.members[0].ring.allocate()
     # Undone first: every member back on placeholders before the groups restore their storage.
     handle.on_remove(lambda _target: swap_set.evict_all())
 
@@ -219,6 +233,62 @@ def _host_only(
     return own_set
 
 
+def move_resident(handle: OffloadHandle, tensors: list[torch.Tensor], device: torch.device) -> None:
+    """Moves `tensors` to `device` for as long as the handle lives (no host copy is kept)."""
+    originals = [t.device for t in tensors]
+    for tensor in tensors:
+        if tensor.device != device:
+            tensor.data = tensor.data.to(device)
+    handle.resident_bytes += sum(t.numel() * t.element_size() for t in tensors)
+
+    def undo(target: torch.device | None) -> None:
+        for tensor, original in zip(tensors, originals, strict=True):
+            destination = target or original
+            if tensor.device != destination:
+                tensor.data = tensor.data.to(destination)
+
+    handle.on_remove(undo)
+
+
+def pack_group(
+    handle: OffloadHandle, name: str, tensors: list[torch.Tensor], placeholders: PlaceholderCache
+) -> WeightGroup:
+    """Packs `tensors` into a host slab, leaves them offloaded, and registers the restore."""
+    group = WeightGroup(name, tensors, pin=handle.pin_memory, device_type=handle.device.type)
+    handle.groups.append(group)
+    handle.on_remove(lambda target: group.restore(target))
+    group.make_placeholders(placeholders)
+    group.offload()
+    return group
+
+
+def build_ring(
+    handle: OffloadHandle,
+    streamed: Sequence[torch.nn.Module],
+    block_tensors: Sequence[list[torch.Tensor]],
+    prefetch: int,
+    placeholders: PlaceholderCache,
+    copier: Copier,
+) -> PrefetchRing:
+    """Packs each streamed block, builds their ring and hooks every block to it; the ring's slots are
+    freed on removal."""
+    groups = [
+        pack_group(handle, f"{type(block).__name__}[{i}]", tensors, placeholders)
+        for i, (block, tensors) in enumerate(zip(streamed, block_tensors, strict=True))
+    ]
+    ring = PrefetchRing(groups, handle.device, prefetch, copier)
+    handle.rings.append(ring)
+    handle.on_remove(lambda _target: ring.free())
+    for position, block in enumerate(streamed):
+        attach_hook(handle, block, StreamedBlockHook(ring, position), STREAMED_BLOCK_HOOK)
+    return ring
+
+
+def attach_hook(handle: OffloadHandle, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    remove = register_hook(module, hook, name)
+    handle.on_remove(lambda _target: remove())
+
+
 def attach_entry(
     handle: OffloadHandle,
     module: torch.nn.Module,
@@ -227,8 +297,7 @@ def attach_entry(
     methods: Sequence[str],
 ) -> None:
     """Hooks `forward` and each of `methods` so that calling them makes `member` the active one."""
-    remove = register_hook(module, SwapEntryHook(swap_set, member), SWAP_ENTRY_HOOK)
-    handle.on_remove(lambda _target: remove())
+    attach_hook(handle, module, SwapEntryHook(swap_set, member), SWAP_ENTRY_HOOK)
     for method in methods:
         undo = wrap_entry_method(module, method, lambda: swap_set.enter(member))
         handle.on_remove(lambda _target, undo=undo: undo())

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import model_registry
-from diffusers_offload.meta import build_meta_components
+from diffusers_offload.planning.meta import build_meta_components
 from model_registry import (
     ModelAdapter,
     generic_adapter,

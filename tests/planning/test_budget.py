@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from diffusers_offload.budget import format_bytes, parse_bytes
+from diffusers_offload.planning.budget import format_bytes, parse_bytes
 
 GIB = 2**30
 

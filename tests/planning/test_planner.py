@@ -19,7 +19,7 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class Sizes:
-    """Test double with the fields of ``diffusers_offload.sizing.ComponentSizes``."""
+    """Test double with the fields of ``diffusers_offload.planning.sizing.ComponentSizes``."""
 
     name: str
     role: str
@@ -444,7 +444,7 @@ def test_str_is_an_aligned_table_with_summary() -> None:
 
 
 def test_real_component_sizes() -> None:
-    from diffusers_offload import sizing
+    from diffusers_offload.planning import sizing
 
     comps = [
         sizing.ComponentSizes(

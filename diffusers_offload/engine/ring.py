@@ -30,16 +30,13 @@ class RingStats:
 
 
 class PrefetchRing:
-    """Streams `groups` (in expected execution order) through `prefetch + 1` fixed device slots."""
+    """Streams `groups` (in expected execution order) through `prefetch + 1` fixed device slots.
+
+    The slots are allocated by `allocate()`, or else by the first `acquire`, and given back by `free()`.
+    """
 
     def __init__(
-        self,
-        groups: Sequence[WeightGroup],
-        device: torch.device,
-        prefetch: int,
-        copier: Copier,
-        *,
-        allocate: bool = True,
+        self, groups: Sequence[WeightGroup], device: torch.device, prefetch: int, copier: Copier
     ) -> None:
         if not groups:
             raise ValueError("PrefetchRing needs at least one group to stream.")
@@ -58,8 +55,6 @@ class PrefetchRing:
         # Synchronous copiers (the CPU) order nothing with events: skip those calls on the hot path.
         self._events = copier.uses_events
         self.slots: list[torch.Tensor] = []
-        if allocate:
-            self.allocate()
         self._ahead = [
             tuple((position + step) % count for step in range(1, self.lookahead + 1))
             for position in range(count)
