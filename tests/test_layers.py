@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import re
 import sys
+from collections.abc import Set
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,15 @@ def all_modules() -> dict[str, Path]:
     return {module_name(p): p for package in OURS for p in sorted((ROOT / package).rglob("*.py"))}
 
 
+def within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes)
+
+
 def layer_of(module: str) -> str:
-    matches = [layer for layer in LAYERS if module == layer or module.startswith(layer + ".")]
-    return max(matches, key=len)
+    return max((layer for layer in LAYERS if within(module, (layer,))), key=len)
 
 
-def imported_modules(module: str, source: str, is_package: bool, known: set[str]) -> list[tuple[int, str]]:
+def imported_modules(module: str, source: str, is_package: bool, known: Set[str]) -> list[tuple[int, str]]:
     """(line, absolute module name) of every import in `source`, relative ones resolved."""
     package = module if is_package else module.rpartition(".")[0]
     found = []
@@ -58,9 +62,9 @@ def imported_modules(module: str, source: str, is_package: bool, known: set[str]
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join([*anchor, *([base] if base else [])])
+            if node.level:  # `from .x` is package.x, `from ..x` the parent's x, ...
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
             for alias in node.names:
                 # `from pkg import submodule` imports the submodule.
                 candidate = f"{base}.{alias.name}"
@@ -69,27 +73,23 @@ def imported_modules(module: str, source: str, is_package: bool, known: set[str]
 
 
 def violations(
-    module: str, source: str, is_package: bool = False, known: set[str] = frozenset()
+    module: str, source: str, is_package: bool = False, known: Set[str] = frozenset()
 ) -> list[str]:
     """Every import in `source` (the text of `module`) that its layer does not allow."""
     layer = layer_of(module)
     allowed_ours, allowed_third_party = LAYERS[layer]
     problems = []
-    for line, target in imported_modules(module, source, is_package, set(known)):
+    for line, target in imported_modules(module, source, is_package, known):
         top = target.split(".")[0]
         if top == "__future__" or top in sys.stdlib_module_names:
             continue
         if top in OURS:
-            if layer_of(target) == layer or any(
-                target == a or target.startswith(a + ".") for a in allowed_ours
-            ):
+            if layer_of(target) == layer or within(target, allowed_ours):
                 continue
             problems.append(
                 f"{module}:{line} imports {target} (layer {layer_of(target)}), above or beside it"
             )
-        elif allowed_third_party is not None and not any(
-            target == a or target.startswith(a + ".") for a in allowed_third_party
-        ):
+        elif allowed_third_party is not None and not within(target, allowed_third_party):
             problems.append(
                 f"{module}:{line} imports {target}; layer {layer} may use only {allowed_third_party}"
             )
@@ -140,6 +140,21 @@ def test_a_forbidden_import_is_caught(module, source):
     assert len(violations(module, source)) == 1
 
 
+def test_relative_imports_resolve_to_absolute_modules():
+    source = (
+        "from ..engine.blocks import spread_indices\nfrom . import sizing\nfrom .budget import parse_bytes\n"
+    )
+    known = {"diffusers_offload.planning.sizing"}
+    assert imported_modules("diffusers_offload.planning.planner", source, False, known) == [
+        (1, "diffusers_offload.engine.blocks"),
+        (2, "diffusers_offload.planning.sizing"),
+        (3, "diffusers_offload.planning.budget"),
+    ]
+    assert imported_modules("diffusers_offload.engine", "from .ring import PrefetchRing\n", True, set()) == [
+        (1, "diffusers_offload.engine.ring")
+    ]
+
+
 def test_allowed_imports_pass():
     assert (
         violations("diffusers_offload.planning.planner", "from ..engine.blocks import spread_indices\n") == []
@@ -172,9 +187,7 @@ def test_design_doc_lists_every_module():
     expected = {
         str(path.relative_to(ROOT))
         for path in all_modules().values()
-        if path.name != "__init__.py"
-        and not path.parent.name == "tiny"
-        and path.parent.name != "model_registry"
+        if path.name != "__init__.py" and path.parent.name not in ("tiny", "model_registry")
     }
     assert expected <= listed, sorted(expected - listed)
     assert listed <= {str(p.relative_to(ROOT)) for p in all_modules().values()}, (
