@@ -57,7 +57,7 @@ def placements_for(
         common = _declared(adapter, name)
         blocks = tuple(adapter.block_paths(name))
         if name == adapter.denoiser and denoiser == "streamed":
-            placements[name] = Placement("streamed", blocks, _as_tuple(resident_blocks), prefetch, **common)
+            placements[name] = Placement("streamed", blocks, resident_blocks, prefetch, **common)
         elif name != adapter.denoiser and encoders == "stream" and blocks:
             placements[name] = Placement("streamed", blocks, 0, prefetch, **common)
         else:
@@ -111,10 +111,6 @@ def plan_for_pipeline(
     budget = parse_bytes(vram_budget, total=total)
     sizes = measure_components(adapter.components(pipe), adapter)
     return plan_offload(sizes, budget, reserve=reserve, prefetch=prefetch, strategy=strategy)
-
-
-def _as_tuple(resident_blocks: int | Sequence[int]) -> int | tuple[int, ...]:
-    return resident_blocks if isinstance(resident_blocks, int) else tuple(resident_blocks)
 
 
 class OffloadMixin:

@@ -45,6 +45,13 @@ class Placement:
     resident_tensors: tuple[str, ...] = ()  # parameters/buffers read from outside the component
     rest_resident: bool = False  # streamed: the non-block part stays on the device, not swapped
 
+    def __post_init__(self) -> None:
+        # Callers pass lists and single names; stored as tuples so that a Placement stays immutable.
+        lists = self.block_lists
+        object.__setattr__(self, "block_lists", (lists,) if isinstance(lists, str) else tuple(lists))
+        if not isinstance(self.resident_blocks, int):
+            object.__setattr__(self, "resident_blocks", tuple(self.resident_blocks))
+
 
 @dataclass
 class ComponentRecord:

@@ -35,13 +35,7 @@ def apply_layerwise_offload(
     Everything outside the block lists is moved to `device` and stays there. Call `handle.remove()`
     to undo.
     """
-    placement = Placement(
-        "streamed",
-        (block_lists,) if isinstance(block_lists, str) else tuple(block_lists),
-        resident_blocks if isinstance(resident_blocks, int) else tuple(resident_blocks),
-        prefetch,
-        rest_resident=True,
-    )
+    placement = Placement("streamed", block_lists, resident_blocks, prefetch, rest_resident=True)
     # Keyed by class name, so that errors name the module as the caller knows it.
     name = type(module).__name__
     return apply_placements(
