@@ -31,6 +31,12 @@ SHIPPED_MODELS: Mapping[str, str] = {
     "meituan-longcat/LongCat-Image": "longcat-image",
     "AIDC-AI/Ovis-Image-7B": "ovis-image-7b",
     "stepfun-ai/NextStep-1.1": "nextstep-1.1",
+    "black-forest-labs/FLUX.1-dev": "flux1-dev",
+    "black-forest-labs/FLUX.2-dev": "flux2-dev",
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan21-t2v-14b",
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan22-t2v-a14b",
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "wan22-ti2v-5b",
+    "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v": "hunyuanvideo15-720p-t2v",
 }
 
 # Short names (case-insensitive): each folder name, each repo name, plus a few spellings people use.
@@ -43,6 +49,14 @@ _ALIASES: dict[str, str] = {
     "z-image": "z-image-turbo",
     "ovis-image": "ovis-image-7b",
     "nextstep": "nextstep-1.1",
+    "flux1": "flux1-dev",
+    "flux.1-dev": "flux1-dev",
+    "flux2": "flux2-dev",
+    "flux.2-dev": "flux2-dev",
+    "wan2.1-t2v-14b": "wan21-t2v-14b",
+    "wan2.2-t2v-a14b": "wan22-t2v-a14b",
+    "wan2.2-ti2v-5b": "wan22-ti2v-5b",
+    "hunyuanvideo-1.5": "hunyuanvideo15-720p-t2v",
 }
 
 # NextStep-1.1's published config.json is truncated before vocab_size (see configs/nextstep-1.1/SOURCES.md).

@@ -37,6 +37,7 @@ __all__ = [
     "build_tiny_sd3_pipeline",
     "build_tiny_sd3_transformer",
     "build_tiny_sd3_vae",
+    "build_tiny_t5",
 ]
 
 # Default call: CFG on (guidance_scale > 1) so the DiT sees a batch of 2, short T5 context to stay fast.
@@ -49,7 +50,7 @@ TINY_SD3_CALL: dict[str, Any] = dict(
 )
 
 _CLIP_WIDTHS = ((32, 32), (48, 48))  # (hidden_size, projection_dim) of text_encoder, text_encoder_2
-_T5_WIDTH = 96
+T5_WIDTH = 96  # also the width of the tiny FLUX.1's T5
 
 
 def build_tiny_sd3_transformer(
@@ -65,7 +66,7 @@ def build_tiny_sd3_transformer(
             num_layers=num_layers,
             attention_head_dim=16,
             num_attention_heads=2,
-            joint_attention_dim=_T5_WIDTH,
+            joint_attention_dim=T5_WIDTH,
             caption_projection_dim=32,  # must equal num_attention_heads * attention_head_dim
             pooled_projection_dim=sum(proj for _, proj in _CLIP_WIDTHS),
             out_channels=LATENT_CHANNELS,
@@ -100,10 +101,11 @@ def _build_clip(seed: int, hidden: int, projection: int, tokenizer: Any) -> CLIP
         return CLIPTextModelWithProjection(config).eval()
 
 
-def _build_t5(seed: int, tokenizer: Any) -> T5EncoderModel:
+def build_tiny_t5(seed: int, tokenizer: Any) -> T5EncoderModel:
+    """A 2-layer, width-96 T5 v1.1-style encoder (gated-gelu) using ``tokenizer``'s vocabulary and ids."""
     config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=_T5_WIDTH,
+        d_model=T5_WIDTH,
         d_kv=24,
         d_ff=192,
         num_layers=2,
@@ -135,7 +137,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -
     (h1, p1), (h2, p2) = _CLIP_WIDTHS
     text_encoder = _build_clip(seed * 10 + 1, h1, p1, tokenizer)
     text_encoder_2 = _build_clip(seed * 10 + 2, h2, p2, tokenizer_2)
-    text_encoder_3 = _build_t5(seed * 10 + 3, tokenizer_3)
+    text_encoder_3 = build_tiny_t5(seed * 10 + 3, tokenizer_3)
     pipe = StableDiffusion3Pipeline(
         transformer=build_tiny_sd3_transformer(seed * 10 + 4),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
