@@ -35,8 +35,19 @@ def _plan(args: argparse.Namespace) -> int:
         blocks = f", {len(size.block_bytes)} blocks" if size.block_bytes else ""
         total = format_bytes(size.total_bytes)
         print(f"  {size.name:<16} {size.role:<9} {params / 1e9:7.3f} B params  {total:>11}{blocks}")
+    call = {}
+    if args.guidance_scale is not None and adapter.calls.guidance_argument is not None:
+        call[adapter.calls.guidance_argument] = args.guidance_scale
+    if args.negative_prompt:
+        call.update(dict.fromkeys(adapter.calls.needs_one_of, "a negative prompt"))
     plan = plan_offload(
-        sizes, args.budget, reserve=args.reserve, prefetch=args.prefetch, strategy=args.strategy
+        sizes,
+        args.budget,
+        reserve=args.reserve,
+        prefetch=args.prefetch,
+        strategy=args.strategy,
+        calls_per_step=adapter.calls.per_step(call),
+        steps=args.steps,
     )
     print()
     print(plan)
@@ -108,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         "MODEL is a local folder (diffusers layout) or one of the shipped ids, e.g. "
         "stabilityai/stable-diffusion-3.5-medium, "
         "Qwen/Qwen-Image, Tongyi-MAI/Z-Image-Turbo, meituan-longcat/LongCat-Image, AIDC-AI/Ovis-Image-7B, "
-        "stepfun-ai/NextStep-1.1.",
+        "stepfun-ai/NextStep-1.1, black-forest-labs/FLUX.1-dev, black-forest-labs/FLUX.2-dev, "
+        "Wan-AI/Wan2.1-T2V-14B-Diffusers, Wan-AI/Wan2.2-T2V-A14B-Diffusers, Wan-AI/Wan2.2-TI2V-5B-Diffusers, "
+        "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v.",
     )
     plan.add_argument("model", metavar="MODEL_OR_DIR")
     plan.add_argument(
@@ -117,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--reserve", default="1GiB", help="kept free for activations (default: 1GiB)")
     plan.add_argument("--prefetch", type=int, default=1, help="blocks copied ahead (default: 1)")
     plan.add_argument("--strategy", choices=("auto", "model", "layerwise"), default="auto")
+    plan.add_argument(
+        "--steps", type=int, default=50, help="denoising steps, for the bytes moved per image (default: 50)"
+    )
+    plan.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="the pipeline's CFG scale argument (guidance_scale, or true_cfg_scale for FLUX.1/Qwen-Image); "
+        "above 1 it adds a second denoiser call per step where the pipeline runs CFG as a separate call "
+        "(default: the pipeline's default)",
+    )
+    plan.add_argument(
+        "--negative-prompt",
+        action="store_true",
+        help="plan for a call with a negative prompt (FLUX.1 and Qwen-Image run true CFG only with one)",
+    )
     plan.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default: bfloat16)")
     plan.add_argument("-v", "--verbose", action="store_true", help="also print the adapter's notes")
     plan.set_defaults(run=_plan)

@@ -111,7 +111,11 @@ def plan_for_pipeline(
         )
     budget = parse_bytes(vram_budget, total=total)
     sizes = measure_components(adapter.components(pipe), adapter)
-    return plan_offload(sizes, budget, reserve=reserve, prefetch=prefetch, strategy=strategy)
+    # With the call's defaults (a guider's state is read from the pipeline): the traffic the plan reports.
+    calls = adapter.calls.per_step(pipe=pipe)
+    return plan_offload(
+        sizes, budget, reserve=reserve, prefetch=prefetch, strategy=strategy, calls_per_step=calls
+    )
 
 
 class OffloadMixin:

@@ -170,8 +170,27 @@ def _instantiate(cls: type, config: dict[str, Any], dtype: torch.dtype) -> nn.Mo
         if is_diffusers:
             model = cls.from_config(config)
         else:
-            model = cls._from_config(cls.config_class.from_dict(config))
+            model = cls._from_config(cls.config_class.from_dict(_untie_like_the_checkpoint(config)))
     return _finish(model, dtype, substring_match=is_diffusers)
+
+
+def _untie_like_the_checkpoint(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with a multimodal model's lm_head tied as its text model says, when the top level is silent.
+
+    transformers 5 reads the top-level ``tie_word_embeddings`` (default True) and ties lm_head to the
+    embeddings; checkpoints saved with transformers 4 (FLUX.2-dev's Mistral-Small-3.x, lm_head 0.67B)
+    followed the text config (Mistral's default: untied) and store a separate lm_head, which
+    from_pretrained loads as such. Sizes must count it.
+    """
+    from transformers import AutoConfig
+
+    text = config.get("text_config")
+    if not isinstance(text, dict) or "tie_word_embeddings" in config or "model_type" not in text:
+        return config
+    tied = text.get("tie_word_embeddings")
+    if tied is None:
+        tied = AutoConfig.for_model(text["model_type"]).tie_word_embeddings
+    return {**config, "tie_word_embeddings": bool(tied)}
 
 
 def _finish(model: nn.Module, dtype: torch.dtype, *, substring_match: bool = False) -> nn.Module:

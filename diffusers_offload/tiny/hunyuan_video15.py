@@ -34,7 +34,12 @@ from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextMode
 from diffusers_offload.tiny._common import cast_and_eval
 from diffusers_offload.tiny._qwen_tokenizer import build_tiny_qwen_tokenizer
 
-__all__ = ["TINY_HUNYUAN_VIDEO15_CALL", "build_tiny_hunyuan_video15_pipeline"]
+__all__ = [
+    "TINY_HUNYUAN_VIDEO15_CALL",
+    "TINY_HUNYUAN_VIDEO15_PROMPT",
+    "build_tiny_hunyuan_video15_pipeline",
+    "shorten_text_lengths",
+]
 
 # Quoted text in the prompt makes the pipeline run the glyph encoder; the guider's CFG (scale 6 > 1) makes
 # two transformer calls per step.
@@ -144,10 +149,15 @@ def build_tiny_hunyuan_video15_pipeline(
         tokenizer_2=tokenizer_2,
         guider=ClassifierFreeGuidance(guidance_scale=6.0),
     )
-    # Shorter text than the real pipeline's fixed lengths, so the tiny DiT's sequence stays short.
+    pipe.set_progress_bar_config(disable=True)
+    return shorten_text_lengths(pipe)
+
+
+def shorten_text_lengths(pipe: HunyuanVideo15Pipeline) -> HunyuanVideo15Pipeline:
+    """Set the tiny text and image-token lengths on ``pipe`` (the real pipeline fixes them in ``__init__``,
+    not in its config, so a reloaded tiny pipeline needs this again); returns ``pipe``."""
     pipe.prompt_template_encode_start_idx = 16
     pipe.tokenizer_max_length = 24
     pipe.tokenizer_2_max_length = 16
     pipe.vision_num_semantic_tokens = 4
-    pipe.set_progress_bar_config(disable=True)
     return pipe
