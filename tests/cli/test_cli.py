@@ -15,6 +15,12 @@ SHIPPED = [
     "meituan-longcat/LongCat-Image",
     "AIDC-AI/Ovis-Image-7B",
     "stepfun-ai/NextStep-1.1",
+    "black-forest-labs/FLUX.1-dev",
+    "black-forest-labs/FLUX.2-dev",
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v",
 ]
 
 
@@ -87,3 +93,29 @@ def test_generate_bad_inputs(saved_pipeline, tmp_path, capsys):
     assert "--budget" in capsys.readouterr().err
     assert main([*args, "--offload", "model", "--budget", "1GiB"]) == 2
     assert "--budget applies" in capsys.readouterr().err
+
+
+def test_plan_counts_cfg_calls_per_step_and_bytes_per_video(capsys):
+    model = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    assert main(["plan", model, "--budget", "24GiB", "--steps", "40"]) == 0
+    with_cfg = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in with_cfg.splitlines() if line.startswith("transformer")}
+    assert (
+        rows["transformer"][2] == rows["transformer_2"][2] == "streamed"
+    )  # both experts, never swapped whole
+    assert "(2 denoiser calls)" in with_cfg and "moved per image/video at 40 steps" in with_cfg
+    assert main(["plan", model, "--budget", "24GiB", "--steps", "40", "--guidance-scale", "1"]) == 0
+    without = capsys.readouterr().out
+    assert "denoiser calls" not in without
+
+    def per_step(printed: str) -> str:
+        return printed.split(" moved per denoising step")[0].rsplit(", ", 1)[1]
+
+    value, unit = per_step(with_cfg).split()
+    half, half_unit = per_step(without).split()
+    assert unit == half_unit and float(value) == pytest.approx(2 * float(half), abs=0.01)
+    # FLUX.1 runs true CFG only with a negative prompt.
+    assert main(["plan", "flux1-dev", "--budget", "12GiB", "--guidance-scale", "3"]) == 0
+    assert "denoiser calls" not in capsys.readouterr().out
+    assert main(["plan", "flux1-dev", "--budget", "12GiB", "--guidance-scale", "3", "--negative-prompt"]) == 0
+    assert "(2 denoiser calls)" in capsys.readouterr().out
