@@ -331,8 +331,8 @@ def test_video_and_flux_declarations_in_installed_libraries():
         CLIPVisionModel,
         CLIPVisionModelWithProjection,
         SiglipVisionConfig,
+        SiglipVisionModel,
     )
-    from transformers import SiglipVisionModel
 
     comps = _meta("flux2-dev")[1]
     flux2 = get_adapter("Flux2Pipeline")
