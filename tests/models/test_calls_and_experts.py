@@ -28,6 +28,8 @@ from diffusers_offload.tiny.z_image import TINY_Z_IMAGE_CALL, build_tiny_z_image
 from model_registry import get_adapter, pipeline_modules
 
 wan22 = functools.partial(build_tiny_wan_pipeline, two_experts=True)
+ti2v = functools.partial(build_tiny_wan_pipeline, ti2v_5b=True)
+TI2V_CALL = {**TINY_WAN_CALL, "height": 64, "width": 64}  # 16x VAE and 2x2 patches: 64 px is 2 x 2 tokens
 NO_NEGATIVE = {k: v for k, v in TINY_QWEN_IMAGE_CALL.items() if k != "negative_prompt"}
 
 # (id, builder, call, prompt, denoiser calls per step the pipeline really makes)
@@ -48,6 +50,7 @@ CASES = [
     ("wan-cfg", build_tiny_wan_pipeline, TINY_WAN_CALL, 2),
     ("wan-no-cfg", build_tiny_wan_pipeline, {**TINY_WAN_CALL, "guidance_scale": 1.0}, 1),
     ("wan-2.2-cfg", wan22, TINY_WAN_CALL, 2),
+    ("wan-2.2-ti2v-5b-cfg", ti2v, TI2V_CALL, 2),
     ("hunyuanvideo15-guider", build_tiny_hunyuan_video15_pipeline, TINY_HUNYUAN_VIDEO15_CALL, 2),
 ]
 
@@ -193,4 +196,18 @@ def test_flux2_vision_tower_stays_on_the_host_for_text_prompts():
     assert only_placeholders(text_encoder.model.multi_modal_projector)
     modules = pipeline_modules(pipe)
     assert set(modules) == {"transformer", "text_encoder", "vae"}
+    pipe.disable_offload()
+
+
+@pytest.mark.parametrize("kind", ["model", "layerwise"])
+def test_wan22_ti2v_5b_runs_offloaded_bitwise(kind):
+    reference = _generate(ti2v(), TI2V_CALL)
+    pipe = dof.attach(ti2v())
+    assert pipe.config.expand_timesteps and get_adapter(pipe).name == "wan"
+    if kind == "model":
+        pipe.enable_model_offload("cpu")
+    else:
+        pipe.enable_layerwise_offload("cpu", prefetch=1, encoders="stream")
+    for _ in range(2):
+        assert torch.equal(_generate(pipe, TI2V_CALL), reference)
     pipe.disable_offload()
