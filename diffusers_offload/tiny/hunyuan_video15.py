@@ -1,4 +1,4 @@
-"""Tiny random-weight HunyuanVideo-1.5 text-to-video pipeline, built fully offline.
+"""Tiny random-weight HunyuanVideo-1.5 text- and image-to-video pipelines, built fully offline.
 
 Same classes and wiring as ``hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v`` (a Qwen2.5-VL text
 model read two layers from the top, a byT5 glyph encoder run for quoted text in the prompt, a
@@ -13,7 +13,8 @@ Shapes (real 720p_t2v in brackets):
   file), 16 tokens [256].
 * DiT: 3 ``transformer_blocks`` [54], 2 heads x 16 [16 x 128], 1 token-refiner layer [2], 4 image tokens
   [729] of width 16 [1152].
-* VAE: (16, 16, 32, 32) channels [(128, 256, 512, 1024, 1024)], 32 latent channels [same], 8x spatial
+* Image encoder (image-to-video only): ``SiglipVisionModel`` width 16 [1152], 2 layers [27], 32x32 input.
+* VAE: (16, 16, 32, 64) channels [(128, 256, 512, 1024, 1024)], 32 latent channels [same], 8x spatial
   [16x] and 4x temporal compression [same].
 """
 
@@ -26,10 +27,20 @@ from diffusers import (
     AutoencoderKLHunyuanVideo15,
     ClassifierFreeGuidance,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15ImageToVideoPipeline,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
 )
-from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+from transformers import (
+    ByT5Tokenizer,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLTextModel,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    T5Config,
+    T5EncoderModel,
+)
 
 from diffusers_offload.tiny._common import cast_and_eval
 from diffusers_offload.tiny._qwen_tokenizer import build_tiny_qwen_tokenizer
@@ -37,6 +48,7 @@ from diffusers_offload.tiny._qwen_tokenizer import build_tiny_qwen_tokenizer
 __all__ = [
     "TINY_HUNYUAN_VIDEO15_CALL",
     "TINY_HUNYUAN_VIDEO15_PROMPT",
+    "build_tiny_hunyuan_video15_i2v_pipeline",
     "build_tiny_hunyuan_video15_pipeline",
     "shorten_text_lengths",
 ]
@@ -48,11 +60,11 @@ TINY_HUNYUAN_VIDEO15_PROMPT = 'a cat holding a sign that says "hello"'
 
 _TEXT_WIDTH = 32
 _GLYPH_WIDTH = 32
-_IMAGE_WIDTH = 16
+_IMAGE_WIDTH = 16  # the DiT's image_embed_dim, also the SigLIP width of the image-to-video build
 _LATENT_CHANNELS = 32
 
 
-def _build_transformer(seed: int, dtype: torch.dtype) -> HunyuanVideo15Transformer3DModel:
+def _build_transformer(seed: int, dtype: torch.dtype, task: str = "t2v") -> HunyuanVideo15Transformer3DModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = HunyuanVideo15Transformer3DModel(
@@ -67,7 +79,7 @@ def _build_transformer(seed: int, dtype: torch.dtype) -> HunyuanVideo15Transform
             image_embed_dim=_IMAGE_WIDTH,
             rope_axes_dim=(4, 6, 6),  # must sum to attention_head_dim
             target_size=32,
-            task_type="t2v",
+            task_type=task,
         )
     return cast_and_eval(model, dtype)
 
@@ -122,12 +134,28 @@ def _build_vae(seed: int, dtype: torch.dtype) -> AutoencoderKLHunyuanVideo15:
         torch.manual_seed(seed)
         vae = AutoencoderKLHunyuanVideo15(
             latent_channels=_LATENT_CHANNELS,
-            block_out_channels=(16, 16, 32, 32),  # the last must be a multiple of latent_channels
+            # The last width must be a multiple of 2 x latent_channels (the encoder's grouped shortcut).
+            block_out_channels=(16, 16, 32, 64),
             layers_per_block=1,
             spatial_compression_ratio=8,
             temporal_compression_ratio=4,
         )
     return cast_and_eval(vae, dtype)
+
+
+def _components(seed: int, dtype: torch.dtype, task: str) -> dict[str, Any]:
+    tokenizer = build_tiny_qwen_tokenizer()
+    tokenizer_2 = ByT5Tokenizer()
+    return dict(
+        text_encoder=_build_text_encoder(seed * 10 + 1, tokenizer, dtype),
+        tokenizer=tokenizer,
+        transformer=_build_transformer(seed * 10 + 2, dtype, task),
+        vae=_build_vae(seed * 10 + 3, dtype),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=_build_glyph_encoder(seed * 10 + 4, tokenizer_2, dtype),
+        tokenizer_2=tokenizer_2,
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )
 
 
 def build_tiny_hunyuan_video15_pipeline(
@@ -137,17 +165,35 @@ def build_tiny_hunyuan_video15_pipeline(
 
     Call it as ``pipe(TINY_HUNYUAN_VIDEO15_PROMPT, **TINY_HUNYUAN_VIDEO15_CALL, generator=...)``.
     """
-    tokenizer = build_tiny_qwen_tokenizer()
-    tokenizer_2 = ByT5Tokenizer()
-    pipe = HunyuanVideo15Pipeline(
-        text_encoder=_build_text_encoder(seed * 10 + 1, tokenizer, dtype),
-        tokenizer=tokenizer,
-        transformer=_build_transformer(seed * 10 + 2, dtype),
-        vae=_build_vae(seed * 10 + 3, dtype),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        text_encoder_2=_build_glyph_encoder(seed * 10 + 4, tokenizer_2, dtype),
-        tokenizer_2=tokenizer_2,
-        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    pipe = HunyuanVideo15Pipeline(**_components(seed, dtype, "t2v"))
+    pipe.set_progress_bar_config(disable=True)
+    return shorten_text_lengths(pipe)
+
+
+def build_tiny_hunyuan_video15_i2v_pipeline(
+    seed: int = 0, dtype: torch.dtype = torch.float32
+) -> HunyuanVideo15ImageToVideoPipeline:
+    """A complete tiny ``HunyuanVideo15ImageToVideoPipeline`` (a SigLIP image encoder on the first frame).
+
+    Call it as ``pipe(image=<32x32 RGB image>, prompt=..., num_inference_steps=2, num_frames=5, ...)``; the
+    output size follows the image.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 10 + 5)
+        siglip = SiglipVisionModel(
+            SiglipVisionConfig(
+                hidden_size=_IMAGE_WIDTH,
+                intermediate_size=2 * _IMAGE_WIDTH,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            )
+        )
+    pipe = HunyuanVideo15ImageToVideoPipeline(
+        **_components(seed, dtype, "i2v"),
+        image_encoder=cast_and_eval(siglip, dtype),
+        feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}),
     )
     pipe.set_progress_bar_config(disable=True)
     return shorten_text_lengths(pipe)

@@ -18,6 +18,7 @@ from diffusers_offload.tiny.flux2 import TINY_FLUX2_CALL, build_tiny_flux2_pipel
 from diffusers_offload.tiny.hunyuan_video15 import (
     TINY_HUNYUAN_VIDEO15_CALL,
     TINY_HUNYUAN_VIDEO15_PROMPT,
+    build_tiny_hunyuan_video15_i2v_pipeline,
     build_tiny_hunyuan_video15_pipeline,
 )
 from diffusers_offload.tiny.ovis_image import TINY_OVIS_IMAGE_CALL, build_tiny_ovis_image_pipeline
@@ -210,4 +211,33 @@ def test_wan22_ti2v_5b_runs_offloaded_bitwise(kind):
         pipe.enable_layerwise_offload("cpu", prefetch=1, encoders="stream")
     for _ in range(2):
         assert torch.equal(_generate(pipe, TI2V_CALL), reference)
+    pipe.disable_offload()
+
+
+@pytest.mark.parametrize("kind", ["model", "layerwise"])
+def test_hunyuanvideo15_image_to_video_runs_offloaded_bitwise(kind):
+    import numpy as np
+    import PIL.Image
+
+    y, x = np.mgrid[0:32, 0:32]
+    image = PIL.Image.fromarray(np.stack([x * 8, y * 8, (x + y) * 4], axis=-1).astype(np.uint8))
+
+    def generate(pipe) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        call = dict(num_inference_steps=2, num_frames=5, generator=generator, output_type="pt")
+        return pipe(image=image, prompt=TINY_HUNYUAN_VIDEO15_PROMPT, **call).frames
+
+    reference = generate(build_tiny_hunyuan_video15_i2v_pipeline())
+    pipe = dof.attach(build_tiny_hunyuan_video15_i2v_pipeline())
+    assert get_adapter(pipe).name == "hunyuanvideo15"
+    if kind == "model":
+        handle = pipe.enable_model_offload("cpu")
+    else:
+        handle = pipe.enable_layerwise_offload("cpu", prefetch=1, encoders="stream")
+    assert torch.equal(generate(pipe), reference)
+    image_encoder = handle.components["image_encoder"]
+    if kind == "layerwise":  # the SigLIP tower streams through its declared encoder.layers
+        assert image_encoder.ring.stats.calls == len(pipe.image_encoder.encoder.layers)
+    else:
+        assert image_encoder.member.loads == 1
     pipe.disable_offload()
