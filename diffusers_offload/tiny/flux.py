@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel
 
-from diffusers_offload.tiny._common import LATENT_CHANNELS, cast_and_eval
+from diffusers_offload.tiny._common import LATENT_CHANNELS, build_flux_style_scheduler, cast_and_eval
 from diffusers_offload.tiny._tokenizers import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
-from diffusers_offload.tiny.sd3 import T5_WIDTH, build_tiny_t5
+from diffusers_offload.tiny.sd3 import T5_WIDTH, build_tiny_clip_text_encoder, build_tiny_t5
 from diffusers_offload.tiny.z_image import build_tiny_flux_vae
 
 __all__ = ["TINY_FLUX_CALL", "build_tiny_flux_pipeline", "build_tiny_flux_transformer"]
@@ -62,26 +62,6 @@ def build_tiny_flux_transformer(
     return cast_and_eval(model, dtype)
 
 
-def _build_clip_text(seed: int, tokenizer: Any, dtype: torch.dtype) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=_CLIP_HIDDEN,
-        intermediate_size=2 * _CLIP_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        hidden_act="quick_gelu",
-        # CLIPTextTransformer pools at the first eos id; it must be the tokenizer's.
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPTextModel(config)
-    return cast_and_eval(model, dtype)
-
-
 def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> FluxPipeline:
     """A complete tiny ``FluxPipeline`` with random weights, deterministic for a given ``seed``.
 
@@ -90,16 +70,12 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) 
     tokenizer = build_tiny_clip_tokenizer()
     tokenizer_2 = build_tiny_t5_tokenizer()
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            base_image_seq_len=256,
-            base_shift=0.5,
-            max_image_seq_len=4096,
-            max_shift=1.15,
-            shift=3.0,
-            use_dynamic_shifting=True,
-        ),
+        scheduler=build_flux_style_scheduler(),
         vae=build_tiny_flux_vae(seed * 10 + 1, dtype),
-        text_encoder=_build_clip_text(seed * 10 + 2, tokenizer, dtype),
+        text_encoder=cast_and_eval(
+            build_tiny_clip_text_encoder(seed * 10 + 2, _CLIP_HIDDEN, _CLIP_HIDDEN, tokenizer, CLIPTextModel),
+            dtype,
+        ),
         tokenizer=tokenizer,
         text_encoder_2=cast_and_eval(build_tiny_t5(seed * 10 + 3, tokenizer_2), dtype),
         tokenizer_2=tokenizer_2,

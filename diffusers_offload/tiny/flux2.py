@@ -24,13 +24,12 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKLFlux2,
-    FlowMatchEulerDiscreteScheduler,
     Flux2Pipeline,
     Flux2Transformer2DModel,
 )
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
-from diffusers_offload.tiny._common import cast_and_eval
+from diffusers_offload.tiny._common import build_flux_style_scheduler, cast_and_eval
 from diffusers_offload.tiny._tokenizers import build_tiny_llm_tokenizer
 
 __all__ = ["TINY_FLUX2_CALL", "build_tiny_flux2_pipeline", "build_tiny_flux2_transformer"]
@@ -132,14 +131,7 @@ def build_tiny_flux2_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32)
     tokenizer = build_tiny_llm_tokenizer()
     tokenizer.chat_template = _CHAT_TEMPLATE
     pipe = Flux2Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            base_image_seq_len=256,
-            base_shift=0.5,
-            max_image_seq_len=4096,
-            max_shift=1.15,
-            shift=3.0,
-            use_dynamic_shifting=True,
-        ),
+        scheduler=build_flux_style_scheduler(),
         vae=_build_flux2_vae(seed * 10 + 1, dtype),
         text_encoder=_build_mistral3(seed * 10 + 2, tokenizer, dtype),
         tokenizer=tokenizer,

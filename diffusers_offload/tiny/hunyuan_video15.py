@@ -38,11 +38,10 @@ from transformers import (
     SiglipImageProcessor,
     SiglipVisionConfig,
     SiglipVisionModel,
-    T5Config,
     T5EncoderModel,
 )
 
-from diffusers_offload.tiny._common import cast_and_eval
+from diffusers_offload.tiny._common import build_tiny_t5_encoder, cast_and_eval
 from diffusers_offload.tiny._qwen_tokenizer import build_tiny_qwen_tokenizer
 
 __all__ = [
@@ -106,27 +105,7 @@ def _build_text_encoder(seed: int, tokenizer: Any, dtype: torch.dtype) -> Qwen2_
 
 
 def _build_glyph_encoder(seed: int, tokenizer: Any, dtype: torch.dtype) -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=_GLYPH_WIDTH,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = T5EncoderModel(config)
-    return cast_and_eval(model, dtype)
+    return build_tiny_t5_encoder(seed, tokenizer, dtype, d_model=_GLYPH_WIDTH, d_kv=8, d_ff=64)
 
 
 def _build_vae(seed: int, dtype: torch.dtype) -> AutoencoderKLHunyuanVideo15:

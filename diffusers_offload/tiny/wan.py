@@ -25,7 +25,7 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from diffusers_offload.tiny._common import cast_and_eval
+from diffusers_offload.tiny._common import build_tiny_t5_encoder, cast_and_eval
 from diffusers_offload.tiny._tokenizers import build_tiny_t5_tokenizer
 
 __all__ = [
@@ -72,27 +72,16 @@ def build_tiny_wan_transformer(
 
 
 def _build_umt5(seed: int, tokenizer: Any, dtype: torch.dtype) -> UMT5EncoderModel:
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
+    return build_tiny_t5_encoder(
+        seed,
+        tokenizer,
+        dtype,
         d_model=_TEXT_WIDTH,
         d_kv=8,
         d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
+        config_class=UMT5Config,
+        model_class=UMT5EncoderModel,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UMT5EncoderModel(config)
-    return cast_and_eval(model, dtype)
 
 
 def _build_wan_vae(seed: int, dtype: torch.dtype, *, wan22_vae: bool = False) -> AutoencoderKLWan:
