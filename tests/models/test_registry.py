@@ -463,3 +463,24 @@ def test_declared_block_order_is_the_forward_call_order(case):
         model(**inputs)
     # every block runs once, in the declared order, and no undeclared ModuleList runs
     assert calls == _declared_order(pipeline_class, model)
+
+
+def test_denoiser_calls_and_experts_are_validated():
+    from model_registry import DenoiserCalls
+
+    with pytest.raises(ValueError, match="not both"):
+        DenoiserCalls("guidance_scale", guider="guider")
+    with pytest.raises(TypeError, match=r"write \('negative_prompt',\)"):
+        DenoiserCalls("true_cfg_scale", needs_one_of="negative_prompt")
+    with pytest.raises(TypeError, match="DenoiserCalls"):
+        ModelAdapter(name="x", pipeline_classes=("P",), calls=2)
+    with pytest.raises(ValueError, match="must be distinct"):
+        ModelAdapter(name="x", pipeline_classes=("P",), experts=("transformer",))
+    cfg = DenoiserCalls("guidance_scale", default=5.0)
+    assert [cfg.per_step(c) for c in ({}, {"guidance_scale": 1.0}, {"guidance_scale": None})] == [2, 1, 2]
+    true_cfg = DenoiserCalls("true_cfg_scale", default=4.0, needs_one_of=("negative_prompt",))
+    assert true_cfg.per_step({}) == 1 and true_cfg.per_step({"negative_prompt": "blurry"}) == 2
+    adapter = ModelAdapter(
+        name="x", pipeline_classes=("P",), block_lists=("blocks",), experts=("transformer_2",)
+    )
+    assert adapter.role("transformer_2") == "denoiser" and adapter.block_paths("transformer_2") == ("blocks",)
