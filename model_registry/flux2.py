@@ -32,7 +32,8 @@ FLUX2 = register_adapter(
             "pipeline reads only hidden_states 10/20/30, so lm_head (0.67B) stays with it. transformers 5 "
             "ties lm_head to embed_tokens for the published config unless tie_word_embeddings=False is set; "
             "the checkpoint stores it separately. Caption upsampling (off by default) runs generate() for up "
-            "to 512 tokens: with the encoder's layers streamed, that moves the 24B LLM once per token."
+            "to 512 tokens: with the encoder's layers streamed, that moves the 24B LLM once per token. Not "
+            "served: the Flux2Klein* pipelines (a Qwen3 text encoder, not checked)."
         ),
     )
 )

@@ -24,5 +24,10 @@ HUNYUAN_VIDEO15 = register_adapter(
         entry_methods={"vae": ("encode", "decode")},
         # The pipeline's `guider` (ClassifierFreeGuidance) runs one transformer call per condition.
         calls=DenoiserCalls(guider="guider", guider_calls=2),
+        notes=(
+            "text_encoder_2 (byT5) runs only for quoted text in the prompt; otherwise the pipeline feeds "
+            "zeros. The negative prompt is encoded after the prompt, so with model swap the two text "
+            "encoders alternate (text_encoder is loaded twice per call)."
+        ),
     )
 )
