@@ -120,6 +120,13 @@ class DeferredCopier(TorchDispatchMode):
         self.pending[id(done)] = (slot, dst, src)
         self.unwaited[slot] = id(done)
 
+    def copy_timed(
+        self, dst: torch.Tensor, src: torch.Tensor, done: Any, after: Any | None
+    ) -> tuple[int, int]:
+        start = self.stamp()
+        self.copy(dst, src, done, after)
+        return start, self.stamp()
+
     def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
@@ -140,3 +147,10 @@ class DeferredCopier(TorchDispatchMode):
     def record(self, event: Any) -> None:
         self.clock += 1
         self.recorded_at[id(event)] = self.clock
+
+    def stamp(self) -> int:
+        """Positions on the virtual compute stream stand in for times."""
+        return self.clock
+
+    def elapsed_ms(self, start: int, end: int) -> float:
+        return float(end - start)

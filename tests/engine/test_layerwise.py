@@ -212,7 +212,7 @@ def test_stream_copier_matches_the_copier_protocol():
 
     from diffusers_offload.engine.transfer import Copier, StreamCopier, SyncCopier
 
-    for name in ("new_event", "copy", "copy_now", "wait", "record"):
+    for name in ("new_event", "copy", "copy_timed", "copy_now", "wait", "record", "stamp", "elapsed_ms"):
         expected = list(inspect.signature(getattr(Copier, name)).parameters.values())
         for copier in (StreamCopier, SyncCopier, DeferredCopier):
             got = list(inspect.signature(getattr(copier, name)).parameters.values())
