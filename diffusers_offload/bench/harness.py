@@ -33,6 +33,8 @@ from .measure import (
     h2d_bandwidth,
     host_rss_bytes,
     module_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
     synchronize,
     timed,
 )
@@ -63,7 +65,8 @@ class RowResult:
     steps_s: list[float] = field(default_factory=list)
     peak_allocated: int | None = None
     peak_reserved: int | None = None
-    host_rss: int | None = None  # this process's RSS above its baseline after imports, at its highest
+    host_rss: int | None = None  # RSS above the process's baseline (after imports) once the steps ran
+    host_rss_peak: int | None = None  # the same at its highest from enabling on (kernel counter or samples)
     model_bytes: int | None = None
     h2d_bytes_per_step: int | None = None
     hidden_fraction: float | None = None  # of the copy time, from the timeline (ours only)
@@ -139,6 +142,7 @@ def _measure_row(config: BenchConfig, name: str, result: RowResult) -> None:
     gc.collect()
     if is_accelerator(device):
         torch.accelerator.reset_peak_memory_stats(device)
+    kernel_peak = reset_peak_rss()
     rss_peak = host_rss_bytes()
 
     started = time.perf_counter()
@@ -169,9 +173,12 @@ def _measure_row(config: BenchConfig, name: str, result: RowResult) -> None:
             _measure_traffic(pipe, device, step, result, config)
             if name == "none" and config.steps > 0:
                 _measure_floors(dit, adapter, device, step, result)
-        rss_peak = max(rss_peak, host_rss_bytes())
+        rss_now = host_rss_bytes()
+        if kernel_peak:
+            rss_peak = max(rss_peak, peak_rss_bytes() or 0)
         result.peak_allocated, result.peak_reserved = _peak(device)
-        result.host_rss = rss_peak - baseline
+        result.host_rss = rss_now - baseline
+        result.host_rss_peak = max(rss_peak, rss_now) - baseline
     finally:
         undo()
 
@@ -270,6 +277,7 @@ _HEADERS = (
     "peak reserved",
     "host RSS",
     "RSS/model",
+    "peak/model",
     "H2D/step",
     "hidden",
     "enable s",
@@ -288,6 +296,10 @@ def _cell(value: Any, form: str) -> str:
     return format(value, form)
 
 
+def _ratio(value: float | None, of: float | None) -> float | None:
+    return value / of if value is not None and of else None
+
+
 def format_results(config: BenchConfig, results: list[RowResult]) -> str:
     """The table, with a header naming the run and the floors measured in it."""
     rows, failures = [], []
@@ -296,18 +308,19 @@ def format_results(config: BenchConfig, results: list[RowResult]) -> str:
             failures.append(f"  {r.row}: {r.error}")
             rows.append((r.row, "failed", *[""] * (len(_HEADERS) - 2)))
             continue
-        rss_ratio = r.host_rss / r.model_bytes if r.host_rss is not None and r.model_bytes else None
+
         rows.append(
             (
                 r.row,
                 _cell(r.step_s, ".4f"),
                 _cell(r.ratio, ".2f"),
                 _cell(r.floor_s, ".4f"),
-                _cell(r.step_s / r.floor_s if r.step_s and r.floor_s else None, ".2f"),
+                _cell(_ratio(r.step_s, r.floor_s), ".2f"),
                 _cell(r.peak_allocated, "bytes"),
                 _cell(r.peak_reserved, "bytes"),
                 _cell(r.host_rss, "bytes"),
-                _cell(rss_ratio, ".2f"),
+                _cell(_ratio(r.host_rss, r.model_bytes), ".2f"),
+                _cell(_ratio(r.host_rss_peak, r.model_bytes), ".2f"),
                 _cell(r.h2d_bytes_per_step, "bytes"),
                 _cell(r.hidden_fraction, ".0%"),
                 _cell(r.enable_s, ".2f"),

@@ -41,6 +41,28 @@ def host_rss_bytes() -> int:
         return psutil.Process().memory_info().rss
 
 
+def reset_peak_rss() -> bool:
+    """Restarts the kernel's peak-RSS counter of this process (Linux); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """The kernel's peak RSS of this process since the last reset (Linux's VmHWM), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def module_bytes(modules: dict[str, torch.nn.Module]) -> int:
     """Bytes of every parameter and buffer (each once)."""
     seen: set[int] = set()

@@ -156,6 +156,7 @@ def build_pipeline(
     back with `from_pretrained` on the CPU, as a user's would be (its host memory is then what a user has).
     """
     dit_only = dit_only or checkpoint is not None
+    saved = checkpoint is not None and (checkpoint / "config.json").is_file()
     if spec.source == "tiny":
         with quiet_libraries():
             pipe = spec.tiny_builder(0, dtype)
@@ -168,8 +169,11 @@ def build_pipeline(
         components = {denoiser: getattr(pipe, denoiser)}
     else:
         torch.manual_seed(0)
-        class_name, components = build_components(
-            spec.source, dtype=dtype, device=device, only=("transformer",) if dit_only else None
+        class_name, components = build_components(  # on meta when its weights come from the checkpoint
+            spec.source,
+            dtype=dtype,
+            device="meta" if saved else device,
+            only=("transformer",) if dit_only else None,
         )
         import diffusers
 
@@ -179,7 +183,7 @@ def build_pipeline(
     if checkpoint is None:
         return pipe, None
     transformer = components.pop("transformer")
-    if not (checkpoint / "config.json").is_file():
+    if not saved:
         transformer.save_pretrained(checkpoint)
     transformer_class = type(transformer)
     pipe.transformer = None
