@@ -85,7 +85,8 @@ def test_swapped_rings_keep_copies_ordered_with_compute(reference, encoders):
     # copy and compute streams: every copy into a slot is ordered after the last read of it.
     copier = DeferredCopier()
     pipe = dof.attach(build_tiny_sd3_pipeline())
-    pipe.enable_layerwise_offload("cpu", prefetch=1, encoders=encoders, copier=copier)
+    # prefetch=0: one slot per ring, so each block is copied into the slot its predecessor just read.
+    pipe.enable_layerwise_offload("cpu", prefetch=0, encoders=encoders, copier=copier)
     with copier:
         for _ in range(2):
             assert torch.equal(generate(pipe), reference)
