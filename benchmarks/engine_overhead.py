@@ -1,8 +1,9 @@
 """Hook overhead per block call: no hooks vs diffusers-offload vs diffusers' group offloading.
 
-Runs on the CPU in well under a minute. An SD3 transformer with many tiny blocks is cloned three times;
-the clones are called in turn (so machine noise hits all three alike) and the median forward time of
-each gives the time added per block call. Copies are included: with device="cpu" our engine still
+Runs on the CPU in well under a minute. An SD3 transformer with many tiny blocks is cloned four times;
+the clones are called in turn (so machine noise hits all of them alike) and the median forward time of
+each gives the time added per block call (also with `timing=True`, which stamps every block's copy and
+compute for the report's timeline). Copies are included: with device="cpu" our engine still
 copies every streamed block from its host slab into a ring slot.
 
     python benchmarks/engine_overhead.py [--blocks 48] [--runs 100]
@@ -50,12 +51,13 @@ def main() -> None:
     torch.set_num_threads(1)
 
     base = tiny_transformer(args.blocks)
-    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    ours, theirs, timed = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
     model_bytes = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()])
     block_bytes = sum(
         t.numel() * t.element_size() for b in base.transformer_blocks for t in [*b.parameters(), *b.buffers()]
     )
     handle = dof.apply_layerwise_offload(ours, device="cpu", prefetch=args.prefetch)
+    dof.apply_layerwise_offload(timed, device="cpu", prefetch=args.prefetch, timing=True)
     apply_group_offloading(
         theirs, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
     )
@@ -67,7 +69,12 @@ def main() -> None:
         pooled_projections=torch.randn(1, 16, generator=gen),
         timestep=torch.tensor([500.0]),
     )
-    models = {"no hooks": base, "diffusers-offload": ours, "diffusers group offload": theirs}
+    models = {
+        "no hooks": base,
+        "diffusers-offload": ours,
+        "  with timing=True": timed,
+        "diffusers group offload": theirs,
+    }
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         reference = base(**inputs).sample

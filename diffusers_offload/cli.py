@@ -1,4 +1,4 @@
-"""The `diffusers-offload` command line: `demo`, `plan` and `generate`."""
+"""The `diffusers-offload` command line: `demo`, `plan`, `generate` and `bench`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,19 @@ from pathlib import Path
 
 OFFLOAD_CHOICES = ("none", "model", "layerwise", "auto")
 DTYPES = ("bfloat16", "float16", "float32")
+# Named here so that `--help` needs no torch import; tests check they match the bench package.
+BENCH_MODELS = ("sd35-medium", "qwen-image", "z-image", "tiny-sd3", "tiny-qwen-image", "tiny-z-image")
+BENCH_ROWS = (
+    "none",
+    "model",
+    "layerwise-p1",
+    "layerwise-p2",
+    "budget-50",
+    "diffusers-model",
+    "diffusers-sequential",
+    "diffusers-group-block",
+    "diffusers-group-leaf",
+)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -95,6 +108,32 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, format_results, run_bench, write_json
+    from .engine.devices import resolve_device
+
+    if args.steps < 0 or args.warmup < 0:
+        raise ValueError("--steps and --warmup must be >= 0")
+    device = str(resolve_device(args.device))
+    config = BenchConfig(
+        model=args.model,
+        device=device,
+        steps=args.steps,
+        warmup=args.warmup,
+        dtype=args.dtype,
+        height=args.height,
+        width=args.width,
+        dit_only=args.dit_only,
+        checkpoint=args.checkpoint,
+    )
+    results = run_bench(config, args.rows, isolate=not args.in_process, row_timeout=args.row_timeout)
+    print(format_results(config, results))
+    if args.json:
+        write_json(args.json, config, results)
+        print(f"rows written to {args.json}")
+    return 0 if results[0].error is None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusers-offload", description="Run large diffusion pipelines on small accelerators."
@@ -173,6 +212,41 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--out", default="image.png")
     generate.set_defaults(run=_generate)
+
+    bench = verbs.add_parser(
+        "bench",
+        help="time our offloading beside diffusers' on one model, with the floors measured in the run",
+        description="Builds the model with random weights (real-size from the shipped configs, or a tiny "
+        "one), places it as each row says, runs warm-up and timed denoising steps of its transformer, and "
+        "prints one table: seconds per step, ratio to `none`, the floor max(compute, H2D bytes / pinned "
+        "bandwidth), peak device memory, host RSS, H2D bytes per step, the share of copy time hidden behind "
+        "compute, time to enable. Each row runs in its own process; a row that fails shows its error.",
+    )
+    bench.add_argument("--model", required=True, help=f"model to build: {', '.join(BENCH_MODELS)}")
+    bench.add_argument("--device", default=None, help="execution device (default: the accelerator, else cpu)")
+    bench.add_argument("--steps", type=int, default=5, help="timed denoising steps per row (default: 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
+    bench.add_argument(
+        "--rows",
+        default=None,
+        help=f"comma-separated rows (default: all; none always runs): {', '.join(BENCH_ROWS)}",
+    )
+    bench.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    bench.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    bench.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    bench.add_argument("--dit-only", action="store_true", help="build the transformer alone (no encoders)")
+    bench.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="DIR",
+        help="save the transformer there once and load it with from_pretrained in every row (times the load)",
+    )
+    bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    bench.add_argument(
+        "--in-process", action="store_true", help="run the rows in this process (faster start)"
+    )
+    bench.add_argument("--row-timeout", type=float, default=600.0, help="seconds before a row is stopped")
+    bench.set_defaults(run=_bench)
     return parser
 
 

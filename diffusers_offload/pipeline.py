@@ -136,9 +136,12 @@ class OffloadMixin:
         pin_memory: bool | None,
         copier: Copier | None,
         plan: Plan | None = None,
+        timing: bool = False,
     ) -> OffloadHandle:
         modules = pipeline_modules(self)
-        handle = apply_placements(modules, placements, device, pin_memory, kind=kind, copier=copier)
+        handle = apply_placements(
+            modules, placements, device, pin_memory, kind=kind, copier=copier, timing=timing
+        )
         handle.plan = plan
         self._offload_handle = handle
         return handle
@@ -158,6 +161,7 @@ class OffloadMixin:
         prefetch: int = 1,
         reserve: int | str = DEFAULT_RESERVE,
         pin_memory: bool | None = None,
+        timing: bool = False,
         adapter: ModelAdapter | None = None,
         copier: Copier | None = None,
     ) -> OffloadHandle:
@@ -166,7 +170,8 @@ class OffloadMixin:
 
         `vram_budget`: bytes, or a string such as "8GiB", "7.5GB" or "75%" (of the device's memory);
         `None` takes the device's free memory less a margin. `reserve` is kept free for activations.
-        Raises ValueError naming the minimum when the budget cannot hold it.
+        Raises ValueError naming the minimum when the budget cannot hold it. `timing=True` stamps each
+        streamed block's copy and compute for the timeline in `offload_report()` (off by default).
         """
         self._check_not_enabled()
         adapter = _adapter_for(self, adapter)
@@ -175,7 +180,7 @@ class OffloadMixin:
             self, vram_budget, device, strategy="auto", prefetch=prefetch, reserve=reserve, adapter=adapter
         )
         placements = placements_from_plan(adapter, pipeline_modules(self), plan)
-        return self._enable("auto", placements, device, pin_memory, copier, plan)
+        return self._enable("auto", placements, device, pin_memory, copier, plan, timing)
 
     def offload_report(self) -> OffloadReport:
         """What is where and what has moved so far; `print()` it, or show it in a notebook."""
@@ -211,6 +216,7 @@ class OffloadMixin:
         vram_budget: int | str | None = None,
         reserve: int | str = DEFAULT_RESERVE,
         pin_memory: bool | None = None,
+        timing: bool = False,
         adapter: ModelAdapter | None = None,
         copier: Copier | None = None,
     ) -> OffloadHandle:
@@ -220,7 +226,8 @@ class OffloadMixin:
         whole (`encoders="swap"`) or stream their layers too (`encoders="stream"`, for encoders larger
         than the device). `resident_blocks`: how many blocks (spread evenly), or which, never stream.
         With `vram_budget` ("8GiB", ...) the planner chooses the resident blocks (and streams encoders
-        that cannot fit whole) instead.
+        that cannot fit whole) instead. `timing=True` stamps each block's copy and compute for the
+        timeline in `offload_report()` (a few events per block; off by default).
         """
         self._check_not_enabled()
         adapter = _adapter_for(self, adapter)
@@ -240,7 +247,7 @@ class OffloadMixin:
                 adapter=adapter,
             )
             placements = placements_from_plan(adapter, pipeline_modules(self), plan)
-            return self._enable("layerwise", placements, device, pin_memory, copier, plan)
+            return self._enable("layerwise", placements, device, pin_memory, copier, plan, timing)
         placements = placements_for(
             adapter,
             pipeline_modules(self),
@@ -249,7 +256,7 @@ class OffloadMixin:
             resident_blocks=resident_blocks,
             encoders=encoders,
         )
-        return self._enable("layerwise", placements, device, pin_memory, copier)
+        return self._enable("layerwise", placements, device, pin_memory, copier, timing=timing)
 
     def disable_offload(self, device: str | torch.device | None = None) -> None:
         """Removes all offload hooks; weights become ordinary tensors again, bitwise as before.

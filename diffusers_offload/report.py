@@ -1,4 +1,5 @@
-"""`OffloadReport`: what an offload handle placed where, and what it has moved so far."""
+"""`OffloadReport`: what an offload handle placed where, what it has moved so far, and (with
+`timing=True`) how much of the copy time compute hid, block by block."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from .engine import OffloadHandle
 from .engine.devices import is_accelerator
+from .engine.timeline import BlockTiming, PassTiming
 from .planning import format_bytes
 from .planning.tables import format_table
 
@@ -28,6 +30,37 @@ class ComponentReport:
 
 
 _HEADERS = ("component", "strategy", "host", "on device", "device held", "blocks str/res", "loads", "moved")
+_TIMELINE_HEADERS = ("block", "calls", "copy ms", "compute ms", "stall ms")
+
+
+@dataclass(frozen=True)
+class ComponentTimeline:
+    """Copy, compute and stall of one streamed component's blocks (means over the last passes).
+
+    On an accelerator the times come from events on the copy and compute streams; on the CPU from the
+    wall clock around the synchronous copies, which compute never hides.
+    """
+
+    name: str
+    clock: str  # "device events" or "wall clock"
+    per_pass: PassTiming
+    blocks: tuple[BlockTiming, ...]
+
+    def summary(self) -> str:
+        p = self.per_pass
+        hidden = f"{p.hidden_fraction:.0%}" if p.hidden_fraction is not None else "-"
+        return (
+            f"{self.name} timeline ({self.clock}, mean of {p.passes} passes), per pass: "
+            f"copy {p.copy_ms:.2f} ms, hidden {p.hidden_ms:.2f} ms ({hidden}), "
+            f"exposed {p.stall_ms:.2f} ms, compute {p.compute_ms:.2f} ms"
+        )
+
+    def table(self) -> str:
+        rows = [
+            (b.name, str(b.calls), f"{b.copy_ms:.3f}", f"{b.compute_ms:.3f}", f"{b.stall_ms:.3f}")
+            for b in self.blocks
+        ]
+        return format_table(_TIMELINE_HEADERS, rows, right=(False, True, True, True, True))
 
 
 @dataclass(frozen=True)
@@ -39,6 +72,7 @@ class OffloadReport:
     components: tuple[ComponentReport, ...]
     plan: object | None  # the planning.Plan used, if a budget was given
     peak_device_bytes: int | None  # the device's own peak allocation counter, where it has one
+    timelines: tuple[ComponentTimeline, ...] = ()  # with timing=True, once blocks have run
 
     def _rows(self) -> list[tuple[str, ...]]:
         rows = []
@@ -72,7 +106,49 @@ class OffloadReport:
         table = format_table(
             _HEADERS, self._rows(), right=(False, False, True, True, True, False, True, True)
         )
-        return f"{table}\n{self._summary()}"
+        parts = [table, self._summary()]
+        for timeline in self.timelines:
+            parts += ["", timeline.summary(), timeline.table()]
+        return "\n".join(parts)
+
+    def plot(self, ax=None):
+        """Bars of copy, compute and stall per block for each timed component (needs matplotlib).
+
+        Returns the matplotlib Figure; in a notebook it shows itself. Requires `timing=True` at enable.
+        """
+        if not self.timelines:
+            raise RuntimeError(
+                "This report has no timeline: enable offloading with timing=True "
+                "(e.g. pipe.enable_layerwise_offload(timing=True)) and run the pipeline first."
+            )
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as error:
+            raise ImportError(
+                "report.plot() needs matplotlib: pip install matplotlib (or diffusers-offload[plot])."
+            ) from error
+        if ax is None:
+            figure, axes = plt.subplots(
+                len(self.timelines), 1, squeeze=False, figsize=(10, 3 * len(self.timelines))
+            )
+            axes = [row[0] for row in axes]
+        else:
+            figure, axes = ax.figure, [ax] * len(self.timelines)
+        for axis, timeline in zip(axes, self.timelines):
+            positions = [b.position for b in timeline.blocks]
+            width = 0.28
+            for offset, label, values in (
+                (-width, "copy", [b.copy_ms for b in timeline.blocks]),
+                (0.0, "compute", [b.compute_ms for b in timeline.blocks]),
+                (width, "stall", [b.stall_ms for b in timeline.blocks]),
+            ):
+                axis.bar([p + offset for p in positions], values, width, label=label)
+            axis.set_xlabel("block")
+            axis.set_ylabel("ms per call")
+            axis.set_title(timeline.summary(), fontsize=8)
+            axis.legend()
+        figure.tight_layout()
+        return figure
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in _HEADERS)
@@ -81,7 +157,12 @@ class OffloadReport:
             for row in self._rows()
         )
         summary = html.escape(self._summary())
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table><p>{summary}</p>"
+        timelines = "".join(
+            f"<p>{html.escape(t.summary())}</p><pre>{html.escape(t.table())}</pre>" for t in self.timelines
+        )
+        return (
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table><p>{summary}</p>{timelines}"
+        )
 
 
 def build_report(handle: OffloadHandle) -> OffloadReport:
@@ -89,6 +170,8 @@ def build_report(handle: OffloadHandle) -> OffloadReport:
     if handle.removed:
         raise RuntimeError("This offload handle was removed; enable offloading again to get a report.")
     rows = []
+    timelines = []
+    clock = "device events" if is_accelerator(handle.device) else "wall clock"
     for name, record in handle.components.items():
         member, ring = record.member, record.ring
         weights = held = record.resident_bytes
@@ -110,6 +193,11 @@ def build_report(handle: OffloadHandle) -> OffloadReport:
             moved += stats.bytes_moved
             misses += stats.on_demand_loads
             streamed = len(ring.groups)
+            if ring.timeline is not None:
+                blocks = ring.timeline.blocks()
+                per_pass = PassTiming.of(blocks)
+                if per_pass is not None:
+                    timelines.append(ComponentTimeline(name, clock, per_pass, tuple(blocks)))
         rows.append(
             ComponentReport(
                 name=name,
@@ -126,4 +214,4 @@ def build_report(handle: OffloadHandle) -> OffloadReport:
         )
     device = handle.device
     peak = torch.accelerator.max_memory_allocated(device) if is_accelerator(device) else None
-    return OffloadReport(handle.kind, str(device), tuple(rows), handle.plan, peak)
+    return OffloadReport(handle.kind, str(device), tuple(rows), handle.plan, peak, tuple(timelines))

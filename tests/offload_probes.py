@@ -1,4 +1,4 @@
-"""Test helpers that look at where each tensor's storage actually lives, and a deferring copier."""
+"""Test helpers that look at where each tensor's storage actually lives, and a copier that models streams."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from diffusers_offload.engine.packing import is_placeholder
 
@@ -52,58 +54,103 @@ def on_every_leaf_forward(root: torch.nn.Module, check) -> Iterator[list[str]]:
             handle.remove()
 
 
-class DeferredCopier:
-    """A copier that models an asynchronous copy engine on the CPU.
+class DeferredCopier(TorchDispatchMode):
+    """A copier that models an asynchronous copy engine beside a compute stream, on the CPU.
 
-    A copy is only carried out when compute waits on its `done` event, so a block computed without
-    waiting for its copy sees stale slot contents and the output differs. A copy into a slot must name
-    an `after` event recorded after the last use of that slot began, else `violations` records it:
-    that is the ordering a real copy stream needs so as not to overwrite a slot still in use.
+    Use it as a context manager around the forward passes (`with copier: model(...)`): every aten op
+    run inside is one op of a virtual compute stream that reads the ring slots its tensor arguments live
+    in. Events record a position on that stream. Two rules of a real copy stream are checked, and each
+    breach is appended to `violations`:
+    - a copy into a slot must wait for an event recorded after every op that read the slot (else the
+      copy could overwrite weights still being read);
+    - an op may read a slot only after the compute stream waited for the last copy into it.
+    Copies are also carried out only when compute waits for them, so a missing wait computes on stale
+    slot contents and changes the output.
     """
 
     uses_events = True
 
     def __init__(self) -> None:
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        super().__init__()
         self.clock = 0
-        self.recorded_at: dict[int, int] = {}
-        self.slot_last_use: dict[int, int] = {}
-        self.slot_of_event: dict[int, int] = {}
+        self.recorded_at: dict[int, int] = {}  # id(event) -> position of its latest record
+        self.pending: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # id(done) -> slot, dst, src
+        self.unwaited: dict[int, int] = {}  # slot -> id(done) of its last copy, until compute waits on it
+        self.last_read: dict[int, int] = {}  # slot -> position of the last op that read it
         self.violations: list[str] = []
         self.copies = 0
         self.deferred_runs = 0
+        self.reads = 0
+        self._active = False
+        self._running_copy = False
 
-    def _tick(self) -> int:
-        self.clock += 1
-        return self.clock
+    def __enter__(self):
+        self._active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._active = False
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._running_copy and not func.is_view:  # views only relabel bytes, they read nothing
+            self.clock += 1
+            for arg in tree_flatten((args, kwargs))[0]:
+                if isinstance(arg, torch.Tensor) and arg.device.type != "meta":
+                    slot = arg.untyped_storage().data_ptr()
+                    if slot in self.last_read:
+                        self.reads += 1
+                        if slot in self.unwaited:
+                            self.violations.append(f"{func} read slot {slot:#x} before waiting for its copy")
+                        self.last_read[slot] = self.clock
+        return func(*args, **kwargs)
 
     def new_event(self) -> object:
         return object()
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, done: Any, after: Any | None) -> None:
+        if not self._active:
+            raise AssertionError("run the forward passes inside `with copier:` so that reads are seen")
         slot = dst.untyped_storage().data_ptr()
-        last_use = self.slot_last_use.get(slot)
-        if last_use is not None:
-            if after is None:
-                self.violations.append(f"copy into used slot {slot:#x} without waiting for compute")
-            elif self.recorded_at.get(id(after), -1) < last_use:
-                self.violations.append(f"copy into slot {slot:#x} ordered before the end of its last use")
+        last_read = self.last_read.setdefault(slot, 0)
+        if last_read and (after is None or self.recorded_at.get(id(after), -1) < last_read):
+            self.violations.append(f"copy into slot {slot:#x} not ordered after the last op that read it")
         self.copies += 1
-        self.pending[id(done)] = (dst, src)
-        self.slot_of_event[id(done)] = slot
+        self.pending[id(done)] = (slot, dst, src)
+        self.unwaited[slot] = id(done)
+
+    def copy_timed(
+        self, dst: torch.Tensor, src: torch.Tensor, done: Any, after: Any | None
+    ) -> tuple[int, int]:
+        start = self.stamp()
+        self.copy(dst, src, done, after)
+        return start, self.stamp()
 
     def copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
     def wait(self, event: Any) -> None:
         work = self.pending.pop(id(event), None)
-        if work is not None:
-            dst, src = work
+        if work is None:
+            return
+        slot, dst, src = work
+        self._running_copy = True
+        try:
             dst.copy_(src)
-            self.deferred_runs += 1
-        slot = self.slot_of_event.get(id(event))
-        if slot is not None:
-            self.slot_last_use[slot] = self._tick()
+        finally:
+            self._running_copy = False
+        self.deferred_runs += 1
+        if self.unwaited.get(slot) == id(event):
+            del self.unwaited[slot]
 
     def record(self, event: Any) -> None:
-        self.recorded_at[id(event)] = self._tick()
+        self.clock += 1
+        self.recorded_at[id(event)] = self.clock
+
+    def stamp(self) -> int:
+        """Positions on the virtual compute stream stand in for times."""
+        return self.clock
+
+    def elapsed_ms(self, start: int, end: int) -> float:
+        return float(end - start)

@@ -54,6 +54,7 @@ class OffloadHandle:
         self.resident_bytes = 0
         self.components: dict[str, Any] = {}  # name -> placement.ComponentRecord
         self.plan: Any = None  # the planning.Plan that chose the placement, if any
+        self.timing = False  # whether its rings stamp a timeline of each block's copy and compute
         self._undo: list[Undo] = []
         self.removed = False
 

@@ -120,16 +120,19 @@ def apply_placements(
     *,
     kind: str = "custom",
     copier: Copier | None = None,
+    timing: bool = False,
 ) -> OffloadHandle:
     """Places each component as its `Placement` says; swapped and streamed ones form one swap set.
 
     Everything is validated before any weight moves; a failure half-way undoes what was done.
+    `timing=True` stamps every streamed block's copy and compute for the report's timeline.
     """
     _validate(named, placements)
     device = resolve_device(device)
     pin = resolve_pin_memory(pin_memory, device)
     copier = copier or make_copier(device)
     handle = OffloadHandle(kind, device, pin)
+    handle.timing = timing
     try:
         _apply(handle, named, placements, copier)
     except BaseException:
@@ -284,6 +287,8 @@ def build_ring(
         for i, (block, tensors) in enumerate(zip(streamed, block_tensors, strict=True))
     ]
     ring = PrefetchRing(groups, handle.device, prefetch, copier)
+    if handle.timing:
+        ring.start_timing()
     handle.rings.append(ring)
     handle.on_remove(lambda _target: ring.free())
     for position, block in enumerate(streamed):

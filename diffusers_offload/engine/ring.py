@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .packing import WeightGroup
+from .timeline import BlockTimeline
 from .transfer import Copier
 
 EMPTY = -1
@@ -33,6 +34,7 @@ class PrefetchRing:
     """Streams `groups` (in expected execution order) through `prefetch + 1` fixed device slots.
 
     The slots are allocated by `allocate()`, or else by the first `acquire`, and given back by `free()`.
+    `start_timing()` makes it stamp every block's copy, wait and compute into `timeline` (off by default).
     """
 
     def __init__(
@@ -60,6 +62,13 @@ class PrefetchRing:
             for position in range(count)
         ]
         self.calls = self.loads = self.on_demand_loads = self.bytes_moved = 0
+        self.timeline: BlockTimeline | None = None
+
+    def start_timing(self) -> BlockTimeline:
+        """Stamps each block call from now on (a few events per block: the hot path gets slower)."""
+        if self.timeline is None:
+            self.timeline = BlockTimeline(self.copier, [group.name for group in self.groups])
+        return self.timeline
 
     @property
     def stats(self) -> RingStats:
@@ -111,6 +120,9 @@ class PrefetchRing:
         """Called before block `position` computes: its weights are in a slot once compute proceeds."""
         # The hot path: a few list lookups, no allocation; counters are plain ints.
         self.calls += 1
+        timeline = self.timeline
+        if timeline is not None:
+            wait = self.copier.stamp()
         if not self.slots:
             self.allocate()
         slot_of = self.slot_of
@@ -123,9 +135,14 @@ class PrefetchRing:
         for upcoming in self._ahead[position]:
             if slot_of[upcoming] == EMPTY:
                 self._load(upcoming, position)
+        if timeline is not None:
+            # Stamped after the prefetches are issued: on the CPU they are synchronous and delay compute.
+            timeline.started(position, wait)
 
     def release(self, position: int) -> None:
         """Called after block `position` computed (or raised): its slot may be reused after this point."""
+        if self.timeline is not None:
+            self.timeline.finished(position)
         if self._events:
             slot = self.slot_of[position]
             if slot != EMPTY:
@@ -137,9 +154,11 @@ class PrefetchRing:
         if owner != EMPTY:
             self.groups[owner].offload()
             self.slot_of[owner] = EMPTY
-        self.copier.copy(
-            self._dst[position][slot], self._src[position], self._copied[slot], self._released[slot]
-        )
+        copy = (self._dst[position][slot], self._src[position], self._copied[slot], self._released[slot])
+        if self.timeline is None:
+            self.copier.copy(*copy)
+        else:
+            self.timeline.copied(position, self.copier.copy_timed(*copy))
         group = self.groups[position]
         group.point_to(self._views[position][slot])
         self.slot_owner[slot] = position

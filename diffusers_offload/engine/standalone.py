@@ -19,6 +19,7 @@ def apply_layerwise_offload(
     resident_blocks: int | Sequence[int] = 0,
     pin_memory: bool | None = None,
     *,
+    timing: bool = False,
     copier: Copier | None = None,
 ) -> OffloadHandle:
     """Streams the blocks of `module` from host memory to `device` one by one while it runs.
@@ -30,6 +31,8 @@ def apply_layerwise_offload(
         prefetch: how many blocks ahead to copy while a block computes (0 = load on demand).
         resident_blocks: how many blocks (spread evenly) or which block indices stay on the device.
         pin_memory: page-lock the host copy; `None` pins when `device` is an accelerator.
+        timing: stamp each block's copy and compute, for the timeline in `build_report(handle)`
+            (costs a few events per block; off by default).
         copier: advanced: how copies are issued (tests use it to prove ordering).
 
     Everything outside the block lists is moved to `device` and stays there. Call `handle.remove()`
@@ -39,7 +42,7 @@ def apply_layerwise_offload(
     # Keyed by class name, so that errors name the module as the caller knows it.
     name = type(module).__name__
     return apply_placements(
-        {name: module}, {name: placement}, device, pin_memory, kind="layerwise", copier=copier
+        {name: module}, {name: placement}, device, pin_memory, kind="layerwise", copier=copier, timing=timing
     )
 
 

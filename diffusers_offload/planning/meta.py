@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +73,29 @@ def shipped_config_dir(model: str) -> Path | None:
 def build_meta_components(
     model: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[str, dict[str, nn.Module]]:
-    """Build every model component of a pipeline on the ``meta`` device.
+    """Build every model component of a pipeline on the ``meta`` device (see `build_components`)."""
+    return build_components(model, dtype=dtype)
+
+
+def build_components(
+    model: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "meta",
+    only: Collection[str] | None = None,
+) -> tuple[str, dict[str, nn.Module]]:
+    """Build the model components of a pipeline from configs, on ``meta`` (shapes only) or a real device.
+
+    On a real device the modules are constructed there, so their weights get the classes' own random
+    initialisation in place (fast on an accelerator) and every computed buffer is right.
 
     Args:
         model: a local folder (diffusers layout, or a NextStep folder), or a shipped id / short name such as
             ``"stabilityai/stable-diffusion-3.5-medium"`` or ``"sd35-medium"``. An existing folder wins.
         dtype: dtype the weights would be loaded in (byte sizes follow it); ``_keep_in_fp32_modules`` of
             the model classes are honoured as ``from_pretrained`` would.
+        device: where to construct the modules (``"meta"``: no memory at all).
+        only: the component names to build (default: all).
 
     Returns:
         ``(pipeline class name, {attribute: module})``; tokenizers, schedulers and processors are left out.
@@ -98,11 +114,13 @@ def build_meta_components(
                 "or a NextStep folder (config.json with model_type 'nextstep')."
             )
         folder = shipped
-    with _quiet_libraries():
+    with quiet_libraries():
         if (folder / "model_index.json").is_file():
-            return _build_diffusers_folder(folder, dtype)
+            return _build_diffusers_folder(folder, dtype, torch.device(device), only)
         config_file = folder / "config.json"
         if config_file.is_file() and _read_json(config_file).get("model_type") == "nextstep":
+            if torch.device(device).type != "meta":
+                raise ValueError("NextStep components can only be built on the meta device")
             return _build_nextstep_folder(folder, dtype)
     raise ValueError(
         f"{folder} has no model_index.json (diffusers layout) and no NextStep config.json; cannot build it"
@@ -110,7 +128,9 @@ def build_meta_components(
 
 
 # --------------------------------------------------------------------------------------------- diffusers
-def _build_diffusers_folder(folder: Path, dtype: torch.dtype) -> tuple[str, dict[str, nn.Module]]:
+def _build_diffusers_folder(
+    folder: Path, dtype: torch.dtype, device: torch.device, only: Collection[str] | None
+) -> tuple[str, dict[str, nn.Module]]:
     index = _read_json(folder / "model_index.json")
     pipeline_class = index.get("_class_name")
     if not pipeline_class:
@@ -126,11 +146,13 @@ def _build_diffusers_folder(folder: Path, dtype: torch.dtype) -> tuple[str, dict
     )
     components: dict[str, nn.Module] = {}
     for name in names:
+        if only is not None and name not in only:
+            continue
         config = _read_json(folder / name / "config.json")
         library, class_name = declared.get(name, (None, None))
         cls = _model_class(name, library, class_name, config)
         if cls is not None:  # else a tokenizer, processor or other non-model folder
-            components[name] = _instantiate(cls, config, dtype)
+            components[name] = _instantiate(cls, config, dtype, device)
     return pipeline_class, components
 
 
@@ -162,11 +184,11 @@ def _model_class(
     return cls if isinstance(cls, type) and issubclass(cls, base) else None
 
 
-def _instantiate(cls: type, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+def _instantiate(cls: type, config: dict[str, Any], dtype: torch.dtype, device: torch.device) -> nn.Module:
     from diffusers import ModelMixin
 
     is_diffusers = issubclass(cls, ModelMixin)
-    with torch.device("meta"):
+    with torch.device(device):
         if is_diffusers:
             model = cls.from_config(config)
         else:
@@ -354,7 +376,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """Silence config-key warnings from diffusers/transformers while building, then restore verbosity."""
     from diffusers.utils import logging as d_logging
     from transformers.utils import logging as t_logging

@@ -6,6 +6,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 from offload_probes import DeferredCopier, materialised, on_every_leaf_forward, storage_within
 
 import diffusers_offload as dof
+from diffusers_offload.engine import placement
+from diffusers_offload.engine.hooks import StreamedBlockHook
 from diffusers_offload.engine.packing import is_placeholder
 
 
@@ -138,11 +140,12 @@ def test_blocks_called_in_arbitrary_order(dit):
 def test_deferred_copies_prove_waits_and_slot_ordering(dit, prefetch):
     copier = DeferredCopier()
     handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=prefetch, copier=copier)
-    for _ in range(2):
-        for i, reference in enumerate(dit.references):
-            assert torch.equal(dit.run(i), reference)
+    with copier:
+        for _ in range(2):
+            for i, reference in enumerate(dit.references):
+                assert torch.equal(dit.run(i), reference)
     assert copier.violations == []
-    assert copier.deferred_runs > 0
+    assert copier.deferred_runs > 0 and copier.reads > 0  # the timeline saw the copies and the reads
     handle.remove()
 
 
@@ -152,8 +155,11 @@ class _NoWaitCopier(DeferredCopier):
 
 
 def test_deferred_copier_catches_a_missing_wait(dit):
-    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1, copier=_NoWaitCopier())
-    assert not torch.equal(dit.run(0), dit.references[0])
+    copier = _NoWaitCopier()
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1, copier=copier)
+    with copier:
+        assert not torch.equal(dit.run(0), dit.references[0])
+    assert any("before waiting for its copy" in v for v in copier.violations)
     handle.remove()
 
 
@@ -162,9 +168,40 @@ def test_deferred_copier_catches_unordered_slot_reuse(dit):
     handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1, copier=copier)
     ring = handle.rings[0]
     ring.release = lambda position: None  # a broken ring that never records the end of a block's use
-    dit.run(0)
-    assert copier.violations
+    with copier:
+        dit.run(0)
+    assert any("not ordered after the last op" in v for v in copier.violations)
     del ring.release
+    handle.remove()
+
+
+class _EarlyReleaseHook(StreamedBlockHook):
+    def new_forward(self, module, *args, **kwargs):  # a broken hook: the slot is released, then read
+        self.ring.acquire(self.position)
+        self.ring.release(self.position)
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_deferred_copier_catches_a_release_before_the_blocks_compute(dit, prefetch, monkeypatch):
+    # The "released" event is recorded before the block's compute is queued: on a GPU the next copy into
+    # the slot could overwrite weights still being read. The output on the CPU is still right, so only
+    # the timeline of the virtual compute stream can tell.
+    monkeypatch.setattr(placement, "StreamedBlockHook", _EarlyReleaseHook)
+    copier = DeferredCopier()
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=prefetch, copier=copier)
+    with copier:
+        for i in range(2):
+            assert torch.equal(dit.run(i), dit.references[i])
+    assert any("not ordered after the last op" in v for v in copier.violations)
+    handle.remove()
+
+
+def test_deferred_copier_needs_the_compute_timeline(dit):
+    copier = DeferredCopier()
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=1, copier=copier)
+    with pytest.raises(AssertionError, match="with copier"):
+        dit.run(0)  # outside `with copier:` the reads would go unseen
     handle.remove()
 
 
@@ -175,7 +212,7 @@ def test_stream_copier_matches_the_copier_protocol():
 
     from diffusers_offload.engine.transfer import Copier, StreamCopier, SyncCopier
 
-    for name in ("new_event", "copy", "copy_now", "wait", "record"):
+    for name in ("new_event", "copy", "copy_timed", "copy_now", "wait", "record", "stamp", "elapsed_ms"):
         expected = list(inspect.signature(getattr(Copier, name)).parameters.values())
         for copier in (StreamCopier, SyncCopier, DeferredCopier):
             got = list(inspect.signature(getattr(copier, name)).parameters.values())
@@ -201,11 +238,12 @@ def test_exception_inside_a_block_leaves_model_usable(dit):
         raise RuntimeError("boom")
 
     dit.blocks[2].ff.forward = explode
-    with pytest.raises(RuntimeError, match="boom"):
-        dit.run(0)
-    del dit.blocks[2].ff.forward
-    for i in range(3):
-        assert torch.equal(dit.run(i), dit.references[i])
+    with copier:
+        with pytest.raises(RuntimeError, match="boom"):
+            dit.run(0)
+        del dit.blocks[2].ff.forward
+        for i in range(3):
+            assert torch.equal(dit.run(i), dit.references[i])
     assert copier.violations == []
     handle.remove()
     dit.assert_restored()

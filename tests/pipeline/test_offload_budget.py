@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from offload_probes import on_every_leaf_forward
+from offload_probes import DeferredCopier, on_every_leaf_forward
 
 import diffusers_offload as dof
 from diffusers_offload.engine.packing import is_placeholder
@@ -76,6 +76,22 @@ def test_plan_is_carried_out_and_respected(reference, sizes, tier):
         for probe in probes:
             probe.__exit__(None, None, None)
     assert peak > 0
+    pipe.disable_offload()
+
+
+@pytest.mark.parametrize("encoders", ["swap", "stream"])
+def test_swapped_rings_keep_copies_ordered_with_compute(reference, encoders):
+    # Rings whose slots are freed and allocated again at each swap, under the copier that models the
+    # copy and compute streams: every copy into a slot is ordered after the last read of it.
+    copier = DeferredCopier()
+    pipe = dof.attach(build_tiny_sd3_pipeline())
+    # prefetch=0: one slot per ring, so each block is copied into the slot its predecessor just read.
+    pipe.enable_layerwise_offload("cpu", prefetch=0, encoders=encoders, copier=copier)
+    with copier:
+        for _ in range(2):
+            assert torch.equal(generate(pipe), reference)
+    assert copier.violations == [] and copier.reads > 0
+    assert len(pipe.offload_handle.rings) == (4 if encoders == "stream" else 1)
     pipe.disable_offload()
 
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU proof in one command: the CUDA tests, then `diffusers-offload bench` on the real-size models.
+#
+#   [WHEELS=DIR] [OUT=DIR] [BUDGET_S=480] bash benchmarks/gpu_check.sh
+#
+# Installs nothing from the network. The package runs from this checkout (pure Python); its runtime needs
+# (torch, diffusers, transformers, accelerate, safetensors, pytest) must be importable already, or be
+# wheels in WHEELS: those alone are installed (--no-index --no-deps) into a private folder.
+# Everything it prints also lands in OUT (default gpu-check-DATE): tests.txt, bench-MODEL.txt and .json.
+# Models run in order until BUDGET_S seconds (default 480: 8 minutes) are spent; a model that would start
+# after that is listed as skipped. Each row has ROW_TIMEOUT_S seconds (default 150).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+out=${OUT:-gpu-check-$(date +%Y%m%d-%H%M%S)}
+budget=${BUDGET_S:-480}
+row_timeout=${ROW_TIMEOUT_S:-150}
+mkdir -p "$out"
+started=$(date +%s)
+
+if [ -n "${WHEELS:-}" ]; then
+    site=${SITE:-/tmp/diffusers-offload-site}
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "$WHEELS"/*.whl || { echo "installing the wheels in $WHEELS failed" >&2; exit 1; }
+    export PYTHONPATH="$site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+{
+    date -u +"%Y-%m-%d %H:%M UTC"
+    nvidia-smi -L 2>&1 || true
+    "$python" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
+'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+} 2>&1 | tee "$out/machine.txt"
+
+echo "== CUDA tests" | tee "$out/tests.txt"
+timeout 240 "$python" -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu 2>&1 | tee -a "$out/tests.txt"
+
+# model|rows|steps: the full comparison where it fits the budget, the rows that matter most where not.
+for job in \
+    "sd35-medium|all|3" \
+    "z-image|none,model,layerwise-p1,layerwise-p2,budget-50,diffusers-group-block,diffusers-group-leaf|3" \
+    "qwen-image|none,layerwise-p1,budget-50,diffusers-group-block|2"; do
+    IFS='|' read -r model rows steps <<<"$job"
+    elapsed=$(($(date +%s) - started))
+    if [ "$elapsed" -ge "$budget" ]; then
+        echo "== $model: skipped (time budget of ${budget} s spent)" | tee "$out/bench-$model.txt"
+        continue
+    fi
+    row_arg=()
+    [ "$rows" = all ] || row_arg=(--rows "$rows")
+    echo "== bench $model (after ${elapsed} s)" | tee "$out/bench-$model.txt"
+    "$python" -m diffusers_offload.cli bench --model "$model" --device cuda --steps "$steps" "${row_arg[@]}" \
+        --row-timeout "$row_timeout" --json "$out/bench-$model.json" 2>&1 | tee -a "$out/bench-$model.txt"
+done
+echo "gpu_check: done in $(($(date +%s) - started)) s; results in $out"

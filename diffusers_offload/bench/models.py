@@ -1,0 +1,211 @@
+"""The models the benchmark runs: how each is built and what one denoising step feeds its transformer.
+
+Real-size models are built from the shipped configs with random weights, constructed on the device
+(initialised there, every computed buffer right) and cast to the benchmark dtype; tiny ones come from
+`diffusers_offload.tiny`. A step is the transformer calls of one denoising step at a realistic sequence
+length: SD3.5 batches CFG into one call of batch 2, Qwen-Image's true CFG makes two calls of batch 1.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model_registry import get_adapter, pipeline_modules
+
+from ..planning.meta import build_components, quiet_libraries
+
+Inputs = list[dict[str, Any]]  # one kwargs dict per transformer call of a step
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """One benchmark model: where it comes from and the shape of a denoising step."""
+
+    name: str
+    source: str  # a shipped model id for `build_components`, or "tiny"
+    make_inputs: Callable[[nn.Module, int, int, BenchModel, torch.device, torch.dtype], Inputs]
+    calls_per_step: int  # transformer calls of one denoising step
+    batch: int  # batch of each call
+    text_tokens: int  # prompt length the DiT attends to
+    height: int = 1024
+    width: int = 1024
+    tiny_builder: Callable[..., Any] | None = None
+
+
+def _randn(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _sd3_inputs(dit: nn.Module, height: int, width: int, spec: BenchModel, device, dtype) -> Inputs:
+    c = dit.config
+    shape = (spec.batch, c.in_channels, height // 8, width // 8)
+    return [
+        dict(
+            hidden_states=_randn(shape, device, dtype, 0),
+            encoder_hidden_states=_randn(
+                (spec.batch, spec.text_tokens, c.joint_attention_dim), device, dtype, 1
+            ),
+            pooled_projections=_randn((spec.batch, c.pooled_projection_dim), device, dtype, 2),
+            timestep=torch.full((spec.batch,), 500.0, device=device),
+            return_dict=False,
+        )
+    ]
+
+
+def _qwen_image_inputs(dit: nn.Module, height: int, width: int, spec: BenchModel, device, dtype) -> Inputs:
+    c = dit.config
+    rows, cols = height // 16, width // 16  # VAE factor 8, then 2x2 patches packed into channels
+    latents = _randn((spec.batch, rows * cols, c.in_channels), device, dtype, 0)
+    calls = []
+    for call in range(spec.calls_per_step):  # the prompt, then the negative prompt (true CFG)
+        calls.append(
+            dict(
+                hidden_states=latents,
+                encoder_hidden_states=_randn(
+                    (spec.batch, spec.text_tokens, c.joint_attention_dim), device, dtype, 1 + call
+                ),
+                encoder_hidden_states_mask=torch.ones(spec.batch, spec.text_tokens, device=device),
+                timestep=torch.full((spec.batch,), 0.5, device=device, dtype=dtype),
+                img_shapes=[[(1, rows, cols)]] * spec.batch,
+                return_dict=False,
+            )
+        )
+    return calls
+
+
+def _z_image_inputs(dit: nn.Module, height: int, width: int, spec: BenchModel, device, dtype) -> Inputs:
+    c = dit.config
+    return [
+        dict(
+            x=[
+                _randn((c.in_channels, 1, height // 8, width // 8), device, dtype, i)
+                for i in range(spec.batch)
+            ],
+            t=torch.full((spec.batch,), 0.5, device=device, dtype=dtype),
+            cap_feats=[
+                _randn((spec.text_tokens, c.cap_feat_dim), device, dtype, 10 + i) for i in range(spec.batch)
+            ],
+            return_dict=False,
+        )
+    ]
+
+
+# Tiny DiTs get more blocks than the tiny pipelines' two, so that a ring of 2-3 slots really streams.
+TINY_BLOCKS = 6
+
+
+def _tiny(module: str) -> Callable[..., Any]:
+    """Builds `diffusers_offload.tiny.<module>`'s pipeline with a DiT of `TINY_BLOCKS` blocks."""
+
+    def build(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+        import importlib
+
+        tiny = importlib.import_module(f"diffusers_offload.tiny.{module}")
+        pipe = getattr(tiny, f"build_tiny_{module}_pipeline")(seed, dtype)
+        pipe.transformer = getattr(tiny, f"build_tiny_{module}_transformer")(
+            seed, dtype, num_layers=TINY_BLOCKS
+        )
+        return pipe
+
+    return build
+
+
+MODELS: dict[str, BenchModel] = {
+    spec.name: spec
+    for spec in (
+        # CFG batched into one call; 77 CLIP + 256 T5 tokens.
+        BenchModel("sd35-medium", "stabilityai/stable-diffusion-3.5-medium", _sd3_inputs, 1, 2, 333),
+        # True CFG: two calls per step.
+        BenchModel("qwen-image", "Qwen/Qwen-Image", _qwen_image_inputs, 2, 1, 128),
+        # Turbo runs without CFG: one call of batch 1.
+        BenchModel("z-image", "Tongyi-MAI/Z-Image-Turbo", _z_image_inputs, 1, 1, 128),
+        BenchModel("tiny-sd3", "tiny", _sd3_inputs, 1, 2, 16, 64, 64, _tiny("sd3")),
+        BenchModel("tiny-qwen-image", "tiny", _qwen_image_inputs, 2, 1, 16, 64, 64, _tiny("qwen_image")),
+        BenchModel("tiny-z-image", "tiny", _z_image_inputs, 1, 1, 16, 64, 64, _tiny("z_image")),
+    )
+}
+
+
+def get_model(name: str) -> BenchModel:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown benchmark model {name!r}; choose one of {', '.join(MODELS)}") from None
+
+
+def build_pipeline(
+    spec: BenchModel,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    dit_only: bool = False,
+    checkpoint: Path | None = None,
+) -> tuple[Any, float | None]:
+    """The pipeline with random weights on `device`, and the seconds `from_pretrained` took (checkpoint only).
+
+    With `checkpoint`, the pipeline is the transformer alone: saved there once (random weights) and loaded
+    back with `from_pretrained` on the CPU, as a user's would be (its host memory is then what a user has).
+    """
+    dit_only = dit_only or checkpoint is not None
+    saved = checkpoint is not None and (checkpoint / "config.json").is_file()
+    if spec.source == "tiny":
+        with quiet_libraries():
+            pipe = spec.tiny_builder(0, dtype)
+        denoiser = get_adapter(pipe).denoiser
+        if dit_only:
+            for name in pipeline_modules(pipe):
+                if name != denoiser:
+                    setattr(pipe, name, None)
+        pipe.to(device)
+        components = {denoiser: getattr(pipe, denoiser)}
+    else:
+        torch.manual_seed(0)
+        class_name, components = build_components(  # on meta when its weights come from the checkpoint
+            spec.source,
+            dtype=dtype,
+            device="meta" if saved else device,
+            only=("transformer",) if dit_only else None,
+        )
+        import diffusers
+
+        pipeline_class = getattr(diffusers, class_name)
+        parameters = inspect.signature(pipeline_class.__init__).parameters
+        pipe = pipeline_class(**{name: components.get(name) for name in parameters if name != "self"})
+    if checkpoint is None:
+        return pipe, None
+    transformer = components.pop("transformer")
+    if not saved:
+        transformer.save_pretrained(checkpoint)
+    transformer_class = type(transformer)
+    pipe.transformer = None
+    del transformer  # freed before loading, so that host memory holds one copy
+    started = time.perf_counter()
+    pipe.transformer = transformer_class.from_pretrained(checkpoint, torch_dtype=dtype)
+    return pipe, time.perf_counter() - started
+
+
+def text_encoder_inputs(pipe: Any, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Random prompt ids for each text encoder the pipeline has: each runs once per image."""
+    adapter = get_adapter(pipe)
+    inputs = {}
+    for name in adapter.encoders:
+        encoder = getattr(pipe, name, None)
+        if encoder is None or not hasattr(encoder, "config") or name == "image_encoder":
+            continue
+        text = (
+            encoder.config.get_text_config() if hasattr(encoder.config, "get_text_config") else encoder.config
+        )
+        tokens = min(256, getattr(text, "max_position_embeddings", 256) or 256)
+        generator = torch.Generator().manual_seed(len(inputs))
+        ids = torch.randint(0, text.vocab_size, (1, tokens), generator=generator)
+        inputs[name] = {"input_ids": ids.to(device)}
+    return inputs

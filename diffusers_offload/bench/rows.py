@@ -1,0 +1,132 @@
+"""The rows of the benchmark: each places a freshly built pipeline one way and says how to undo it.
+
+Ours go through the pipeline API a user calls; diffusers' through its own pipeline methods, with the
+settings its docs recommend for speed (`use_stream=True` for group offloading).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..pipeline import attach
+
+Undo = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class RowContext:
+    device: torch.device
+    dit_bytes: int
+    reserve: int | str  # kept free for activations within a budget
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    ours: bool
+    offloads: bool  # whether the weights start in host memory (else they are built on the device)
+    apply: Callable[[Any, RowContext], Undo]
+    help: str
+
+
+def _none(pipe: Any, ctx: RowContext) -> Undo:
+    pipe.to(ctx.device)
+    return lambda: None
+
+
+def _ours(enable: Callable[[Any, RowContext], Any]) -> Callable[[Any, RowContext], Undo]:
+    def apply(pipe: Any, ctx: RowContext) -> Undo:
+        pipe = attach(pipe)
+        enable(pipe, ctx)
+        return pipe.disable_offload
+
+    return apply
+
+
+def _diffusers(enable: Callable[[Any, RowContext], Any]) -> Callable[[Any, RowContext], Undo]:
+    def apply(pipe: Any, ctx: RowContext) -> Undo:
+        enable(pipe, ctx)
+        return pipe.remove_all_hooks
+
+    return apply
+
+
+def _group(offload_type: str) -> Callable[[Any, RowContext], Any]:
+    def enable(pipe: Any, ctx: RowContext) -> None:
+        extra = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+        pipe.enable_group_offload(
+            onload_device=ctx.device, offload_type=offload_type, use_stream=True, **extra
+        )
+
+    return enable
+
+
+ROWS: dict[str, Row] = {
+    row.name: row
+    for row in (
+        Row("none", False, False, _none, "everything resident on the device"),
+        Row("model", True, True, _ours(lambda p, c: p.enable_model_offload(c.device)), "ours: model swap"),
+        Row(
+            "layerwise-p1",
+            True,
+            True,
+            _ours(lambda p, c: p.enable_layerwise_offload(c.device, prefetch=1)),
+            "ours: every DiT block streamed, 1 block ahead",
+        ),
+        Row(
+            "layerwise-p2",
+            True,
+            True,
+            _ours(lambda p, c: p.enable_layerwise_offload(c.device, prefetch=2)),
+            "ours: every DiT block streamed, 2 blocks ahead",
+        ),
+        Row(
+            "budget-50",
+            True,
+            True,
+            _ours(lambda p, c: p.enable_offload(c.dit_bytes // 2, c.device, reserve=c.reserve)),
+            "ours: planner with a device budget of half the DiT's bytes",
+        ),
+        Row(
+            "diffusers-model",
+            False,
+            True,
+            _diffusers(lambda p, c: p.enable_model_cpu_offload(device=c.device)),
+            "diffusers: enable_model_cpu_offload()",
+        ),
+        Row(
+            "diffusers-sequential",
+            False,
+            True,
+            _diffusers(lambda p, c: p.enable_sequential_cpu_offload(device=c.device)),
+            "diffusers: enable_sequential_cpu_offload()",
+        ),
+        Row(
+            "diffusers-group-block",
+            False,
+            True,
+            _diffusers(_group("block_level")),
+            "diffusers: enable_group_offload(block_level, 1 block per group, use_stream=True)",
+        ),
+        Row(
+            "diffusers-group-leaf",
+            False,
+            True,
+            _diffusers(_group("leaf_level")),
+            "diffusers: enable_group_offload(leaf_level, use_stream=True)",
+        ),
+    )
+}
+
+
+def parse_rows(text: str | None) -> list[str]:
+    """Row names from "a,b,c" (default: all); `none` is always run first, the others are relative to it."""
+    names = list(ROWS) if not text else [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    return ["none"] + [name for name in dict.fromkeys(names) if name != "none"]
