@@ -95,13 +95,22 @@ def _generate(args: argparse.Namespace) -> int:
         pipe.enable_offload(args.budget, args.device, prefetch=args.prefetch, reserve=args.reserve)
     elif args.device is not None:
         pipe.to(args.device)
-    call = {"generator": torch.Generator().manual_seed(args.seed)}
-    for name in ("steps", "height", "width"):
-        value = getattr(args, name)
-        if value is not None:
-            call["num_inference_steps" if name == "steps" else name] = value
-    image = pipe(args.prompt, **call).images[0]
-    image.save(args.out)
+    call = {"generator": torch.Generator().manual_seed(args.seed), "output_type": "pil"}
+    for name, argument in (("steps", "num_inference_steps"), ("height", "height"), ("width", "width")):
+        if getattr(args, name) is not None:
+            call[argument] = getattr(args, name)
+    if args.frames is not None:
+        call["num_frames"] = args.frames
+    # By keyword: some pipelines (Flux2Pipeline) take an image as their first positional argument.
+    output = pipe(prompt=args.prompt, **call)
+    frames = getattr(output, "frames", None)
+    if frames is not None:  # video pipelines (Wan, HunyuanVideo-1.5): an animated image, one frame each
+        if Path(args.out).suffix.lower() not in (".png", ".gif", ".webp"):
+            raise ValueError(f"{args.out}: a video is saved as an animated .png, .gif or .webp")
+        first, *rest = frames[0]
+        first.save(args.out, save_all=True, append_images=rest, duration=62, loop=0)
+    else:
+        output.images[0].save(args.out)
     if pipe.offload_handle is not None:
         print(pipe.offload_report())
     print(f"saved {args.out}")
@@ -209,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     generate.add_argument("--height", type=int, default=None)
     generate.add_argument("--width", type=int, default=None)
+    generate.add_argument("--frames", type=int, default=None, help="video frames (default: the pipeline's)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--out", default="image.png")
     generate.set_defaults(run=_generate)

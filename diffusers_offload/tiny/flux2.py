@@ -7,10 +7,10 @@ enough that a 64x64, 2-step call takes tens of milliseconds on CPU.
 
 Shapes (real FLUX.2-dev in brackets):
 
-* Text encoder: Mistral3 with a 3-layer [40], width-32 [5120] language model and a 1-layer Pixtral vision
-  tower [24] that text prompts never run; the pipeline stacks hidden states 1, 2, 3 [10, 20, 30]. The
-  tokenizer is a tiny LLM tokenizer with a plain chat template instead of the Pixtral processor (the
-  pipeline only calls its ``apply_chat_template``).
+* Text encoder: Mistral3 with a 30-layer [40], width-32 [5120] language model and a 1-layer Pixtral vision
+  tower [24] that text prompts never run; the pipeline stacks hidden states 10, 20, 30 [same], so the
+  pipeline's defaults (and the CLI) work unchanged. The tokenizer is a tiny LLM tokenizer with a plain
+  chat template instead of the Pixtral processor (the pipeline only calls its ``apply_chat_template``).
 * DiT: 2 ``transformer_blocks`` + 2 ``single_transformer_blocks`` [8 + 48], 2 heads x 16 [48 x 128],
   ``axes_dims_rope`` (4, 4, 4, 4) [(32, 32, 32, 32)], ``in_channels`` 128 [same] (32 latent channels in 2x2).
 * VAE: ``AutoencoderKLFlux2`` with (8, 8, 16, 16) channels [(128, 256, 512, 512)], 32 latent channels; its
@@ -35,7 +35,7 @@ from diffusers_offload.tiny._tokenizers import build_tiny_llm_tokenizer
 __all__ = ["TINY_FLUX2_CALL", "build_tiny_flux2_pipeline", "build_tiny_flux2_transformer"]
 
 _TEXT_WIDTH = 32
-_OUT_LAYERS = (1, 2, 3)
+_OUT_LAYERS = (10, 20, 30)  # the pipeline's default text_encoder_out_layers, as FLUX.2-dev
 _LATENT_CHANNELS = 32
 
 # One DiT call per step (guidance is an embedded input).
@@ -45,7 +45,6 @@ TINY_FLUX2_CALL: dict[str, Any] = dict(
     width=64,
     guidance_scale=4.0,
     max_sequence_length=32,
-    text_encoder_out_layers=_OUT_LAYERS,
 )
 
 # The roles in [system, user] order; a stand-in for Mistral's template that keeps every text part.
@@ -80,7 +79,7 @@ def _build_mistral3(seed: int, tokenizer: Any, dtype: torch.dtype) -> Mistral3Fo
         vocab_size=len(tokenizer),
         hidden_size=_TEXT_WIDTH,
         intermediate_size=2 * _TEXT_WIDTH,
-        num_hidden_layers=len(_OUT_LAYERS),
+        num_hidden_layers=max(_OUT_LAYERS),
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=16,

@@ -119,3 +119,49 @@ def test_plan_counts_cfg_calls_per_step_and_bytes_per_video(capsys):
     assert "denoiser calls" not in capsys.readouterr().out
     assert main(["plan", "flux1-dev", "--budget", "12GiB", "--guidance-scale", "3", "--negative-prompt"]) == 0
     assert "(2 denoiser calls)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["wan-2.2", "flux2"])
+def test_generate_video_and_flux2_from_a_local_folder(model, tmp_path, capsys):
+    import functools
+
+    from PIL import Image
+
+    from diffusers_offload.tiny.flux2 import build_tiny_flux2_pipeline
+    from diffusers_offload.tiny.wan import build_tiny_wan_pipeline
+
+    builders = {
+        "wan-2.2": functools.partial(build_tiny_wan_pipeline, two_experts=True),
+        "flux2": build_tiny_flux2_pipeline,
+    }
+    builders[model]().save_pretrained(tmp_path / model)
+    out = tmp_path / "out.png"
+    args = [
+        "generate",
+        str(tmp_path / model),
+        "--prompt",
+        "a cat",
+        "--offload",
+        "layerwise",
+        "--device",
+        "cpu",
+    ]
+    args += ["--dtype", "float32", "--steps", "2", "--out", str(out)]
+    if model == "wan-2.2":
+        args += ["--height", "32", "--width", "32", "--frames", "5"]
+    else:
+        args += ["--height", "64", "--width", "64"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    with Image.open(out) as saved:
+        assert getattr(saved, "n_frames", 1) == (5 if model == "wan-2.2" else 1)
+    assert "host copy" in printed
+    if model == "wan-2.2":  # both experts streamed
+        assert (
+            sum(
+                line.split()[1] == "streamed"
+                for line in printed.splitlines()
+                if line.startswith("transformer")
+            )
+            == 2
+        )
