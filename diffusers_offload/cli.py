@@ -30,6 +30,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(args.out, device=args.device) else 1
 
 
+def _default_steps(pipeline_class: str) -> int | None:
+    """The ``num_inference_steps`` default of a diffusers pipeline's ``__call__`` (None if it has none)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    parameter = inspect.signature(cls.__call__).parameters.get("num_inference_steps") if cls else None
+    default = parameter.default if parameter is not None else None
+    return default if isinstance(default, int) and not isinstance(default, bool) else None
+
+
 def _plan(args: argparse.Namespace) -> int:
     import torch
 
@@ -60,7 +72,7 @@ def _plan(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         strategy=args.strategy,
         calls_per_step=adapter.calls.per_step(call),
-        steps=args.steps,
+        steps=args.steps if args.steps is not None else _default_steps(class_name),
     )
     print()
     print(plan)
@@ -179,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--prefetch", type=int, default=1, help="blocks copied ahead (default: 1)")
     plan.add_argument("--strategy", choices=("auto", "model", "layerwise"), default="auto")
     plan.add_argument(
-        "--steps", type=int, default=50, help="denoising steps, for the bytes moved per image (default: 50)"
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps, for the bytes moved per image or video (default: the pipeline's default)",
     )
     plan.add_argument(
         "--guidance-scale",

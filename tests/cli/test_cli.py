@@ -165,3 +165,10 @@ def test_generate_video_and_flux2_from_a_local_folder(model, tmp_path, capsys):
             )
             == 2
         )
+
+
+def test_plan_takes_the_pipelines_default_steps(capsys):
+    assert main(["plan", "flux1-dev", "--budget", "16GiB"]) == 0
+    assert "moved per image/video at 28 steps" in capsys.readouterr().out  # FluxPipeline's default
+    assert main(["plan", "nextstep", "--budget", "16GiB"]) == 0
+    assert "per image/video" not in capsys.readouterr().out  # autoregressive: no denoising steps
