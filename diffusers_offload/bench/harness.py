@@ -169,16 +169,16 @@ def _measure_row(config: BenchConfig, name: str, result: RowResult) -> None:
             if result.steps_s:
                 result.step_s = statistics.median(result.steps_s)
                 result.output_digest = _digest(outputs)
-            rss_peak = max(rss_peak, host_rss_bytes())
             _measure_traffic(pipe, device, step, result, config)
+            rss_now = host_rss_bytes()
+            if kernel_peak:
+                rss_peak = max(rss_peak, peak_rss_bytes() or 0)
+            result.host_rss = rss_now - baseline
+            result.host_rss_peak = max(rss_peak, rss_now) - baseline
+            # Read before the floors: their 1 GiB bandwidth buffer is not the row's memory.
+            result.peak_allocated, result.peak_reserved = _peak(device)
             if name == "none" and config.steps > 0:
                 _measure_floors(dit, adapter, device, step, result)
-        rss_now = host_rss_bytes()
-        if kernel_peak:
-            rss_peak = max(rss_peak, peak_rss_bytes() or 0)
-        result.peak_allocated, result.peak_reserved = _peak(device)
-        result.host_rss = rss_now - baseline
-        result.host_rss_peak = max(rss_peak, rss_now) - baseline
     finally:
         undo()
 
