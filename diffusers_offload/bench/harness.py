@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,20 +240,31 @@ def _run_isolated(config: BenchConfig, name: str, timeout: float) -> RowResult:
 
 
 def run_bench(
-    config: BenchConfig, rows: str | None = None, *, isolate: bool = True, row_timeout: float = 600.0
+    config: BenchConfig,
+    rows: str | None = None,
+    *,
+    isolate: bool = True,
+    row_timeout: float = 600.0,
+    after_row: Callable[[list[RowResult]], None] | None = None,
 ) -> list[RowResult]:
-    """Runs each row (in its own process unless `isolate=False`), then fills in the relative columns."""
+    """Runs each row (in its own process unless `isolate=False`) and relates it to `none`.
+
+    `after_row(results so far)` is called after every row, e.g. to save what is done in case the run is
+    stopped before its end.
+    """
     names = parse_rows(rows)
     get_model(config.model)  # a bad model name fails before any row runs
-    results = []
+    results: list[RowResult] = []
     for index, name in enumerate(names, 1):
         result = _run_isolated(config, name, row_timeout) if isolate else run_row(config, name)
         results.append(result)
+        _relate(results)
         status = (result.error or "")[:160] or (
             f"{result.step_s:.4f} s/step" if result.step_s is not None else "done"
         )
         print(f"[{index}/{len(names)}] {name}: {status}", file=sys.stderr, flush=True)
-    _relate(results)
+        if after_row is not None:
+            after_row(results)
     return results
 
 
