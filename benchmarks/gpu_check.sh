@@ -7,8 +7,9 @@
 # (torch, diffusers, transformers, accelerate, safetensors, pytest) must be importable already, or be
 # wheels in WHEELS: those alone are installed (--no-index --no-deps) into a private folder.
 # Everything it prints also lands in OUT (default gpu-check-DATE): tests.txt, bench-MODEL.txt and .json.
-# Models run in order until BUDGET_S seconds (default 480: 8 minutes) are spent; a model that would start
-# after that is listed as skipped. Each row has ROW_TIMEOUT_S seconds (default 150).
+# Models run in order within BUDGET_S seconds (default 480: 8 minutes): a model still running then is
+# stopped (its JSON keeps the rows done, it is written after every row), one that would start after is
+# listed as skipped. Each row has ROW_TIMEOUT_S seconds (default 150).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -50,7 +51,8 @@ for job in \
     row_arg=()
     [ "$rows" = all ] || row_arg=(--rows "$rows")
     echo "== bench $model (after ${elapsed} s)" | tee "$out/bench-$model.txt"
-    "$python" -m diffusers_offload.cli bench --model "$model" --device cuda --steps "$steps" "${row_arg[@]}" \
-        --row-timeout "$row_timeout" --json "$out/bench-$model.json" 2>&1 | tee -a "$out/bench-$model.txt"
+    timeout $((budget - elapsed)) "$python" -m diffusers_offload.cli bench --model "$model" --device cuda \
+        --steps "$steps" "${row_arg[@]}" --row-timeout "$row_timeout" --json "$out/bench-$model.json" 2>&1 |
+        tee -a "$out/bench-$model.txt"
 done
 echo "gpu_check: done in $(($(date +%s) - started)) s; results in $out"

@@ -147,10 +147,12 @@ def _bench(args: argparse.Namespace) -> int:
         dit_only=args.dit_only,
         checkpoint=args.checkpoint,
     )
-    results = run_bench(config, args.rows, isolate=not args.in_process, row_timeout=args.row_timeout)
+    save = (lambda done: write_json(args.json, config, done)) if args.json else None
+    results = run_bench(
+        config, args.rows, isolate=not args.in_process, row_timeout=args.row_timeout, after_row=save
+    )
     print(format_results(config, results))
     if args.json:
-        write_json(args.json, config, results)
         print(f"rows written to {args.json}")
     return 0 if results[0].error is None else 1
 
@@ -266,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="save the transformer there once and load it with from_pretrained in every row (times the load)",
     )
-    bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    bench.add_argument(
+        "--json", default=None, metavar="FILE", help="also write the rows as JSON (after every row)"
+    )
     bench.add_argument(
         "--in-process", action="store_true", help="run the rows in this process (faster start)"
     )

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,16 +170,16 @@ def _measure_row(config: BenchConfig, name: str, result: RowResult) -> None:
             if result.steps_s:
                 result.step_s = statistics.median(result.steps_s)
                 result.output_digest = _digest(outputs)
-            rss_peak = max(rss_peak, host_rss_bytes())
             _measure_traffic(pipe, device, step, result, config)
+            rss_now = host_rss_bytes()
+            if kernel_peak:
+                rss_peak = max(rss_peak, peak_rss_bytes() or 0)
+            result.host_rss = rss_now - baseline
+            result.host_rss_peak = max(rss_peak, rss_now) - baseline
+            # Read before the floors: their 1 GiB bandwidth buffer is not the row's memory.
+            result.peak_allocated, result.peak_reserved = _peak(device)
             if name == "none" and config.steps > 0:
                 _measure_floors(dit, adapter, device, step, result)
-        rss_now = host_rss_bytes()
-        if kernel_peak:
-            rss_peak = max(rss_peak, peak_rss_bytes() or 0)
-        result.peak_allocated, result.peak_reserved = _peak(device)
-        result.host_rss = rss_now - baseline
-        result.host_rss_peak = max(rss_peak, rss_now) - baseline
     finally:
         undo()
 
@@ -186,7 +187,7 @@ def _measure_row(config: BenchConfig, name: str, result: RowResult) -> None:
 def _measure_traffic(
     pipe: Any, device: torch.device, step: Any, result: RowResult, config: BenchConfig
 ) -> None:
-    """H2D bytes of one more step, and (ours) the hidden share of the copies from one timed step."""
+    """H2D bytes of one more step, and (ours) the hidden share of the copies from two timed steps."""
     if config.steps == 0:
         return
     if is_accelerator(device):
@@ -204,6 +205,8 @@ def _measure_traffic(
     if handle is not None and handle.rings:
         for ring in handle.rings:
             ring.start_timing()
+        # Two steps: the first block's copy of the first one was issued (prefetched) before timing began.
+        step()
         step()
         timelines = build_report(handle).timelines
         copied = sum(t.per_pass.copy_ms * t.per_pass.passes for t in timelines)
@@ -237,20 +240,31 @@ def _run_isolated(config: BenchConfig, name: str, timeout: float) -> RowResult:
 
 
 def run_bench(
-    config: BenchConfig, rows: str | None = None, *, isolate: bool = True, row_timeout: float = 600.0
+    config: BenchConfig,
+    rows: str | None = None,
+    *,
+    isolate: bool = True,
+    row_timeout: float = 600.0,
+    after_row: Callable[[list[RowResult]], None] | None = None,
 ) -> list[RowResult]:
-    """Runs each row (in its own process unless `isolate=False`), then fills in the relative columns."""
+    """Runs each row (in its own process unless `isolate=False`) and relates it to `none`.
+
+    `after_row(results so far)` is called after every row, e.g. to save what is done in case the run is
+    stopped before its end.
+    """
     names = parse_rows(rows)
     get_model(config.model)  # a bad model name fails before any row runs
-    results = []
+    results: list[RowResult] = []
     for index, name in enumerate(names, 1):
         result = _run_isolated(config, name, row_timeout) if isolate else run_row(config, name)
         results.append(result)
+        _relate(results)
         status = (result.error or "")[:160] or (
             f"{result.step_s:.4f} s/step" if result.step_s is not None else "done"
         )
         print(f"[{index}/{len(names)}] {name}: {status}", file=sys.stderr, flush=True)
-    _relate(results)
+        if after_row is not None:
+            after_row(results)
     return results
 
 

@@ -92,11 +92,6 @@ class BlockTimeline:
         copy, self._copies[position] = self._copies[position], None
         self.records.append((position, wait, start, self.copier.stamp(), copy))
 
-    def clear(self) -> None:
-        self.records.clear()
-        self._copies = [None] * len(self.names)
-        self._open = None
-
     def blocks(self) -> list[BlockTiming]:
         """Mean copy, compute and stall per block (synchronises with the device when it must)."""
         elapsed = self.copier.elapsed_ms

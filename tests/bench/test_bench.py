@@ -110,7 +110,12 @@ def test_a_crashing_row_process_is_reported_and_the_rest_run(monkeypatch):
         return real([command[0], "-c", script], **kwargs)
 
     monkeypatch.setattr(harness.subprocess, "run", child)
-    results = run_bench(BenchConfig("tiny-sd3", "cpu", steps=1), "layerwise-p1,model", isolate=True)
+    saved = []  # what a run stopped half-way would have kept
+    config = BenchConfig("tiny-sd3", "cpu", steps=1)
+    results = run_bench(
+        config, "layerwise-p1,model", after_row=lambda done: saved.append([r.row for r in done])
+    )
+    assert saved == [["none"], ["none", "layerwise-p1"], ["none", "layerwise-p1", "model"]]
     assert [r.row for r in results] == ["none", "layerwise-p1", "model"]
     assert results[1].error == "process exited with 137: Killed"
     assert results[2].error is None and results[2].ratio == 1.5
