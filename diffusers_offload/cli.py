@@ -30,6 +30,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(args.out, device=args.device) else 1
 
 
+def _default_steps(pipeline_class: str) -> int | None:
+    """The ``num_inference_steps`` default of a diffusers pipeline's ``__call__`` (None if it has none)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    parameter = inspect.signature(cls.__call__).parameters.get("num_inference_steps") if cls else None
+    default = parameter.default if parameter is not None else None
+    return default if isinstance(default, int) and not isinstance(default, bool) else None
+
+
 def _plan(args: argparse.Namespace) -> int:
     import torch
 
@@ -48,8 +60,19 @@ def _plan(args: argparse.Namespace) -> int:
         blocks = f", {len(size.block_bytes)} blocks" if size.block_bytes else ""
         total = format_bytes(size.total_bytes)
         print(f"  {size.name:<16} {size.role:<9} {params / 1e9:7.3f} B params  {total:>11}{blocks}")
+    call = {}
+    if args.guidance_scale is not None and adapter.calls.guidance_argument is not None:
+        call[adapter.calls.guidance_argument] = args.guidance_scale
+    if args.negative_prompt:
+        call.update(dict.fromkeys(adapter.calls.needs_one_of, "a negative prompt"))
     plan = plan_offload(
-        sizes, args.budget, reserve=args.reserve, prefetch=args.prefetch, strategy=args.strategy
+        sizes,
+        args.budget,
+        reserve=args.reserve,
+        prefetch=args.prefetch,
+        strategy=args.strategy,
+        calls_per_step=adapter.calls.per_step(call),
+        steps=args.steps if args.steps is not None else _default_steps(class_name),
     )
     print()
     print(plan)
@@ -84,13 +107,22 @@ def _generate(args: argparse.Namespace) -> int:
         pipe.enable_offload(args.budget, args.device, prefetch=args.prefetch, reserve=args.reserve)
     elif args.device is not None:
         pipe.to(args.device)
-    call = {"generator": torch.Generator().manual_seed(args.seed)}
-    for name in ("steps", "height", "width"):
-        value = getattr(args, name)
-        if value is not None:
-            call["num_inference_steps" if name == "steps" else name] = value
-    image = pipe(args.prompt, **call).images[0]
-    image.save(args.out)
+    call = {"generator": torch.Generator().manual_seed(args.seed), "output_type": "pil"}
+    for name, argument in (("steps", "num_inference_steps"), ("height", "height"), ("width", "width")):
+        if getattr(args, name) is not None:
+            call[argument] = getattr(args, name)
+    if args.frames is not None:
+        call["num_frames"] = args.frames
+    # By keyword: some pipelines (Flux2Pipeline) take an image as their first positional argument.
+    output = pipe(prompt=args.prompt, **call)
+    frames = getattr(output, "frames", None)
+    if frames is not None:  # video pipelines (Wan, HunyuanVideo-1.5): an animated image, one frame each
+        if Path(args.out).suffix.lower() not in (".png", ".gif", ".webp"):
+            raise ValueError(f"{args.out}: a video is saved as an animated .png, .gif or .webp")
+        first, *rest = frames[0]
+        first.save(args.out, save_all=True, append_images=rest, duration=62, loop=0)
+    else:
+        output.images[0].save(args.out)
     if pipe.offload_handle is not None:
         print(pipe.offload_report())
     print(f"saved {args.out}")
@@ -149,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         "MODEL is a local folder (diffusers layout) or one of the shipped ids, e.g. "
         "stabilityai/stable-diffusion-3.5-medium, "
         "Qwen/Qwen-Image, Tongyi-MAI/Z-Image-Turbo, meituan-longcat/LongCat-Image, AIDC-AI/Ovis-Image-7B, "
-        "stepfun-ai/NextStep-1.1.",
+        "stepfun-ai/NextStep-1.1, black-forest-labs/FLUX.1-dev, black-forest-labs/FLUX.2-dev, "
+        "Wan-AI/Wan2.1-T2V-14B-Diffusers, Wan-AI/Wan2.2-T2V-A14B-Diffusers, Wan-AI/Wan2.2-TI2V-5B-Diffusers, "
+        "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v.",
     )
     plan.add_argument("model", metavar="MODEL_OR_DIR")
     plan.add_argument(
@@ -158,6 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--reserve", default="1GiB", help="kept free for activations (default: 1GiB)")
     plan.add_argument("--prefetch", type=int, default=1, help="blocks copied ahead (default: 1)")
     plan.add_argument("--strategy", choices=("auto", "model", "layerwise"), default="auto")
+    plan.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps, for the bytes moved per image or video (default: the pipeline's default)",
+    )
+    plan.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="the pipeline's CFG scale argument (guidance_scale, or true_cfg_scale for FLUX.1/Qwen-Image); "
+        "above 1 it adds a second denoiser call per step where the pipeline runs CFG as a separate call "
+        "(default: the pipeline's default)",
+    )
+    plan.add_argument(
+        "--negative-prompt",
+        action="store_true",
+        help="plan for a call with a negative prompt (FLUX.1 and Qwen-Image run true CFG only with one)",
+    )
     plan.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default: bfloat16)")
     plan.add_argument("-v", "--verbose", action="store_true", help="also print the adapter's notes")
     plan.set_defaults(run=_plan)
@@ -182,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     generate.add_argument("--height", type=int, default=None)
     generate.add_argument("--width", type=int, default=None)
+    generate.add_argument("--frames", type=int, default=None, help="video frames (default: the pipeline's)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--out", default="image.png")
     generate.set_defaults(run=_generate)

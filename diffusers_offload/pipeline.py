@@ -43,8 +43,8 @@ def placements_for(
     resident_blocks: int | Sequence[int] = 0,
     encoders: str = "swap",
 ) -> dict[str, Placement]:
-    """Placements from an adapter: the denoiser `denoiser` ("streamed"/"swapped"), encoders per
-    `encoders` ("swap"/"stream"), everything else swapped."""
+    """Placements from an adapter: the denoiser and its experts `denoiser` ("streamed"/"swapped"), encoders
+    per `encoders` ("swap"/"stream"), everything else swapped."""
     if encoders not in ENCODER_POLICIES:
         raise ValueError(f"encoders must be one of {ENCODER_POLICIES}, got {encoders!r}.")
     if adapter.denoiser not in modules:
@@ -56,9 +56,10 @@ def placements_for(
     for name in modules:
         common = _declared(adapter, name)
         blocks = tuple(adapter.block_paths(name))
-        if name == adapter.denoiser and denoiser == "streamed":
+        is_denoiser = adapter.role(name) == "denoiser"  # the denoiser or one of its experts
+        if is_denoiser and denoiser == "streamed":
             placements[name] = Placement("streamed", blocks, resident_blocks, prefetch, **common)
-        elif name != adapter.denoiser and encoders == "stream" and blocks:
+        elif not is_denoiser and encoders == "stream" and blocks:
             placements[name] = Placement("streamed", blocks, 0, prefetch, **common)
         else:
             placements[name] = Placement("swapped", **common)
@@ -110,7 +111,11 @@ def plan_for_pipeline(
         )
     budget = parse_bytes(vram_budget, total=total)
     sizes = measure_components(adapter.components(pipe), adapter)
-    return plan_offload(sizes, budget, reserve=reserve, prefetch=prefetch, strategy=strategy)
+    # With the call's defaults (a guider's state is read from the pipeline): the traffic the plan reports.
+    calls = adapter.calls.per_step(pipe=pipe)
+    return plan_offload(
+        sizes, budget, reserve=reserve, prefetch=prefetch, strategy=strategy, calls_per_step=calls
+    )
 
 
 class OffloadMixin:

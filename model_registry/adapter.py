@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from .calls import ONE_CALL, DenoiserCalls
+
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = re.compile(rf"^(?:{_IDENT}|\d+)(?:\.(?:{_IDENT}|\d+))*$")
 
@@ -107,6 +109,11 @@ class ModelAdapter:
     # component attr -> parameter/buffer paths the *pipeline* reads directly (not through any entry method),
     # so they must sit on the execution device whenever the pipeline runs.
     resident_tensors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Further pipeline attributes holding denoisers with the denoiser's block lists that run one at a time,
+    # each for a range of steps (Wan 2.2's low-noise `transformer_2`); absent or None ones are skipped.
+    experts: tuple[str, ...] = ()
+    # Denoiser calls per denoising step, from the call's guidance arguments (CFG as a separate call).
+    calls: DenoiserCalls = ONE_CALL
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -119,12 +126,15 @@ class ModelAdapter:
             "prefer_resident_encoders",
             _freeze_paths(self.prefer_resident_encoders, "prefer_resident_encoders"),
         )
+        set_(self, "experts", _freeze_paths(self.experts, "experts"))
+        if not isinstance(self.calls, DenoiserCalls):
+            raise TypeError(f"adapter {self.name!r}: calls must be a DenoiserCalls, got {self.calls!r}")
         for attr in ("encoders", "entry_methods", "host_only", "resident_tensors"):
             set_(self, attr, _freeze_mapping(getattr(self, attr), attr))
 
         if not self.pipeline_classes:
             raise ValueError(f"adapter {self.name!r}: pipeline_classes is empty")
-        for attr_name in (self.denoiser, self.vae):
+        for attr_name in (self.denoiser, self.vae, *self.experts):
             if attr_name is not None and not re.fullmatch(_IDENT, attr_name):
                 raise ValueError(f"adapter {self.name!r}: {attr_name!r} is not a pipeline attribute name")
         for path in self.block_lists:
@@ -140,10 +150,11 @@ class ModelAdapter:
                     raise ValueError(
                         f"adapter {self.name!r} entry_methods[{key!r}]: {method!r} is not a method name"
                     )
-        if self.denoiser in self.encoders or (
-            self.vae is not None and self.vae in (self.denoiser, *self.encoders)
-        ):
-            raise ValueError(f"adapter {self.name!r}: denoiser, encoders and vae must be distinct attributes")
+        declared = [*self.denoisers, *self.encoders, *([self.vae] if self.vae is not None else [])]
+        if len(set(declared)) != len(declared):
+            raise ValueError(
+                f"adapter {self.name!r}: denoiser, experts, encoders and vae must be distinct attributes"
+            )
         unknown = set(self.prefer_resident_encoders) - set(self.encoders)
         if unknown:
             raise ValueError(
@@ -155,9 +166,14 @@ class ModelAdapter:
         return hash((self.name, self.pipeline_classes))
 
     # ----------------------------------------------------------------------------------------- lookups
+    @property
+    def denoisers(self) -> tuple[str, ...]:
+        """The denoiser attribute, then its experts: every attribute with role ``"denoiser"``."""
+        return (self.denoiser, *self.experts)
+
     def role(self, attr: str) -> str:
         """``"denoiser"``, ``"encoder"``, ``"vae"`` or ``"other"`` for a pipeline attribute."""
-        if attr == self.denoiser:
+        if attr in self.denoisers:
             return "denoiser"
         if attr in self.encoders:
             return "encoder"
@@ -166,22 +182,23 @@ class ModelAdapter:
         return "other"
 
     def block_paths(self, attr: str) -> tuple[str, ...]:
-        """Declared block-list paths of a component: the denoiser's block_lists or its encoders entry."""
-        if attr == self.denoiser:
+        """Declared block-list paths of a component: the denoisers' block_lists or its encoders entry."""
+        if attr in self.denoisers:
             return self.block_lists
         return self.encoders.get(attr, ())
 
     def prefers_resident(self, attr: str) -> bool:
         """Whether planners should keep this component's blocks resident instead of streaming them."""
-        if attr == self.denoiser:
+        if attr in self.denoisers:
             return self.prefer_resident_blocks
         return attr in self.prefer_resident_encoders
 
     def components(self, pipe_or_components: Any) -> dict[str, nn.Module]:
         """The ``nn.Module`` components of a pipeline (or of a ``{attr: module}`` dict).
 
-        Declared attributes come first (denoiser, encoders, vae), then any other module component with
-        role ``"other"``. Declared encoders/vae that are ``None`` or absent are skipped (e.g. SD3 without T5).
+        Declared attributes come first (denoiser, experts, encoders, vae), then any other module component
+        with role ``"other"``. Declared experts/encoders/vae that are ``None`` or absent are skipped (e.g. SD3
+        without T5, Wan 2.1 without ``transformer_2``).
 
         Raises:
             ValueError: when the denoiser attribute is missing.
@@ -192,7 +209,7 @@ class ModelAdapter:
                 f"adapter {self.name!r}: the pipeline has no nn.Module attribute {self.denoiser!r} "
                 f"(module attributes: {sorted(found) or 'none'})"
             )
-        order = [self.denoiser, *self.encoders, *([self.vae] if self.vae else [])]
+        order = [*self.denoisers, *self.encoders, *([self.vae] if self.vae else [])]
         out = {attr: found[attr] for attr in order if attr in found}
         out.update((attr, mod) for attr, mod in found.items() if attr not in out)
         return out

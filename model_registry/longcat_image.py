@@ -4,10 +4,14 @@ Verified against diffusers 0.42.1 / transformers 5.24 on meta-built modules.
 """
 
 from .adapter import ModelAdapter
+from .calls import DenoiserCalls
 from .registry import register_adapter
 
 # Qwen2_5_VLForConditionalGeneration in transformers 5.24 (and >= 4.52); 4.51 had model.layers and visual.
 _QWEN25VL_LAYERS = "model.language_model.layers"
+
+# A separate unconditional transformer call per step when guidance_scale > 1 (default 4.5).
+_CFG = DenoiserCalls("guidance_scale", default=4.5)
 
 _NOTES = (
     "The text encoder is also entered through generate() for prompt rewriting (enable_prompt_rewrite, on by "
@@ -27,6 +31,7 @@ LONGCAT_IMAGE = register_adapter(
         # Text-to-image never passes pixel_values (rewriting is text-only), so the vision tower never runs.
         host_only={"text_encoder": ("model.visual",)},
         prefer_resident_encoders=("text_encoder",),
+        calls=_CFG,
         notes=_NOTES,
     )
 )
@@ -40,6 +45,7 @@ LONGCAT_IMAGE_EDIT = register_adapter(
         encoders={"text_encoder": (_QWEN25VL_LAYERS,)},
         vae="vae",
         entry_methods={"vae": ("encode", "decode")},
+        calls=_CFG,
         notes="The edit pipeline feeds the input image to the text encoder, so its vision tower runs.",
     )
 )

@@ -4,6 +4,7 @@ Verified against diffusers 0.42.1 / transformers 5.24 on meta-built modules.
 """
 
 from .adapter import ModelAdapter
+from .calls import DenoiserCalls
 from .registry import register_adapter
 
 OVIS_IMAGE = register_adapter(
@@ -15,5 +16,6 @@ OVIS_IMAGE = register_adapter(
         encoders={"text_encoder": ("layers",)},  # Qwen3Model (no lm_head)
         vae="vae",
         entry_methods={"vae": ("encode", "decode")},
+        calls=DenoiserCalls("guidance_scale", default=5.0),  # separate negative-prompt call when > 1
     )
 )

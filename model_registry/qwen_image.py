@@ -5,7 +5,14 @@ pipelines never pass pixel_values, so the vision tower is never run; the edit/la
 """
 
 from .adapter import ModelAdapter
+from .calls import DenoiserCalls
 from .registry import register_adapter
+
+# True CFG: a second, negative-prompt transformer call per step when true_cfg_scale > 1 (default 4.0) and a
+# negative prompt is given.
+_TRUE_CFG = DenoiserCalls(
+    "true_cfg_scale", default=4.0, needs_one_of=("negative_prompt", "negative_prompt_embeds")
+)
 
 # Qwen2_5_VLForConditionalGeneration in transformers 5.24 (and >= 4.52); 4.51 had model.layers and visual.
 _QWEN25VL_LAYERS = "model.language_model.layers"
@@ -22,6 +29,7 @@ QWEN_IMAGE = register_adapter(
         entry_methods={"vae": ("encode", "decode")},
         # Text-only prompts: the 0.68B vision tower is never called, so it need not take device memory.
         host_only={"text_encoder": (_QWEN25VL_VISUAL,)},
+        calls=_TRUE_CFG,
         notes=(
             "The text encoder's forward computes lm_head logits for every position (logits_to_keep=0) even "
             "though the pipeline only reads hidden_states[-1], so lm_head (0.545B) must stay resident."
@@ -45,6 +53,7 @@ QWEN_IMAGE_EDIT = register_adapter(
         # QwenImageLayeredPipeline captions the input image with text_encoder.generate().
         entry_methods={"text_encoder": ("generate",), "vae": ("encode", "decode")},
         prefer_resident_encoders=("text_encoder",),
+        calls=_TRUE_CFG,
         notes=(
             "The text encoder sees pixel_values here, so its vision tower runs (not host-only). "
             "QwenImageLayeredPipeline's auto-caption runs generate() for up to 512 tokens: streaming the "

@@ -31,6 +31,12 @@ SHIPPED_MODELS: Mapping[str, str] = {
     "meituan-longcat/LongCat-Image": "longcat-image",
     "AIDC-AI/Ovis-Image-7B": "ovis-image-7b",
     "stepfun-ai/NextStep-1.1": "nextstep-1.1",
+    "black-forest-labs/FLUX.1-dev": "flux1-dev",
+    "black-forest-labs/FLUX.2-dev": "flux2-dev",
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan21-t2v-14b",
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan22-t2v-a14b",
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "wan22-ti2v-5b",
+    "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v": "hunyuanvideo15-720p-t2v",
 }
 
 # Short names (case-insensitive): each folder name, each repo name, plus a few spellings people use.
@@ -43,6 +49,14 @@ _ALIASES: dict[str, str] = {
     "z-image": "z-image-turbo",
     "ovis-image": "ovis-image-7b",
     "nextstep": "nextstep-1.1",
+    "flux1": "flux1-dev",
+    "flux.1-dev": "flux1-dev",
+    "flux2": "flux2-dev",
+    "flux.2-dev": "flux2-dev",
+    "wan2.1-t2v-14b": "wan21-t2v-14b",
+    "wan2.2-t2v-a14b": "wan22-t2v-a14b",
+    "wan2.2-ti2v-5b": "wan22-ti2v-5b",
+    "hunyuanvideo-1.5": "hunyuanvideo15-720p-t2v",
 }
 
 # NextStep-1.1's published config.json is truncated before vocab_size (see configs/nextstep-1.1/SOURCES.md).
@@ -178,8 +192,27 @@ def _instantiate(cls: type, config: dict[str, Any], dtype: torch.dtype, device: 
         if is_diffusers:
             model = cls.from_config(config)
         else:
-            model = cls._from_config(cls.config_class.from_dict(config))
+            model = cls._from_config(cls.config_class.from_dict(_untie_like_the_checkpoint(config)))
     return _finish(model, dtype, substring_match=is_diffusers)
+
+
+def _untie_like_the_checkpoint(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with a multimodal model's lm_head tied as its text model says, when the top level is silent.
+
+    transformers 5 reads the top-level ``tie_word_embeddings`` (default True) and ties lm_head to the
+    embeddings; checkpoints saved with transformers 4 (FLUX.2-dev's Mistral-Small-3.x, lm_head 0.67B)
+    followed the text config (Mistral's default: untied) and store a separate lm_head, which
+    from_pretrained loads as such. Sizes must count it.
+    """
+    from transformers import AutoConfig
+
+    text = config.get("text_config")
+    if not isinstance(text, dict) or "tie_word_embeddings" in config or "model_type" not in text:
+        return config
+    tied = text.get("tie_word_embeddings")
+    if tied is None:
+        tied = AutoConfig.for_model(text["model_type"]).tie_word_embeddings
+    return {**config, "tie_word_embeddings": bool(tied)}
 
 
 def _finish(model: nn.Module, dtype: torch.dtype, *, substring_match: bool = False) -> nn.Module:

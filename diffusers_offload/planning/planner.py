@@ -32,10 +32,16 @@ Rules where a choice had to be made:
   then as resident as the budget allows, possibly all of them); other components are swapped, or streamed
   if they cannot fit whole.
 * ``bytes_moved_per_call``: streamed blocks per forward for a streamed component (the one-time load of its
-  non-block part is not counted), the whole size for a swapped one (paid each time it is swapped in, once
-  per pipeline call), 0 for a resident one. ``Plan.bytes_moved_per_step`` sums the streamed bytes of the
-  denoisers only: swaps happen once per prompt, not per step, and two denoisers are assumed to both run
-  every step (an upper bound for pipelines whose experts alternate by step range).
+  non-block part is ``bytes_loaded_per_call``), the whole size for a swapped one (paid each time it is
+  swapped in, once per pipeline call), 0 for a resident one.
+* Per step: ``Plan.bytes_moved_per_step`` is ``calls_per_step`` (2 where classifier-free guidance runs the
+  unconditional prediction as a second call, see ``model_registry.DenoiserCalls``) times the streamed bytes
+  of one denoiser forward. Several denoisers (Wan 2.2's experts) run one at a time, each for a range of
+  steps, so the largest of them counts, not their sum: exact for experts of one layout.
+* Per image: ``Plan.bytes_moved_per_image`` is ``steps`` times that, plus every one-time load of the call
+  (swapped components whole, the non-block part and resident blocks of streamed ones, one pass of each
+  streamed encoder). The ring's last prefetch of a call (up to ``prefetch`` blocks per denoiser, loaded
+  for a next step that never comes) is not counted.
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ class ComponentPlan:
     prefetch: int  # ring has prefetch + 1 slots (0 slots when nothing is streamed); only for "streamed"
     active_device_bytes: int  # device bytes while this component runs (its resident part + ring)
     bytes_moved_per_call: int  # host-to-device bytes per call (see module docstring)
+    bytes_loaded_per_call: int = 0  # one-time load when entered: whole if swapped, non-block part if streamed
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,17 @@ class Plan:
     budget_bytes: int
     reserve_bytes: int
     peak_device_bytes: int  # predicted peak of weights on device, reserve included
-    bytes_moved_per_step: int  # streamed denoiser bytes per denoising step (one denoiser call per step)
+    bytes_moved_per_step: int  # streamed denoiser bytes per denoising step, all of its calls
+    calls_per_step: int = 1  # denoiser calls per denoising step (2 with CFG as a separate call)
+    steps: int | None = None  # denoising steps of one pipeline call, when known
+    bytes_loaded_per_image: int = 0  # one-time loads of one pipeline call (see the module docstring)
+
+    @property
+    def bytes_moved_per_image(self) -> int | None:
+        """Host-to-device bytes of one pipeline call (one image or video); None when ``steps`` is unknown."""
+        if self.steps is None:
+            return None
+        return self.steps * self.bytes_moved_per_step + self.bytes_loaded_per_image
 
     def component(self, name: str) -> ComponentPlan:
         """Return the plan of the component called ``name``; KeyError lists the known names."""
@@ -125,7 +142,8 @@ class Plan:
                 blocks = "-"
             per_step = "-"
             if comp.role == "denoiser":
-                per_step = format_bytes(comp.bytes_moved_per_call if comp.strategy == "streamed" else 0)
+                streamed = comp.bytes_moved_per_call if comp.strategy == "streamed" else 0
+                per_step = format_bytes(self.calls_per_step * streamed)
             rows.append(
                 (
                     comp.name,
@@ -139,11 +157,16 @@ class Plan:
             )
         # Text columns left-aligned, numeric ones right-aligned so the units line up.
         out = [format_table(headers, rows, right=(False, False, False, True, True, True, True))]
+        calls = f" ({self.calls_per_step} denoiser calls)" if self.calls_per_step != 1 else ""
         out.append(
             f"{self._mode()}: peak {format_bytes(self.peak_device_bytes)}"
             f" of {format_bytes(self.budget_bytes)} budget (reserve {format_bytes(self.reserve_bytes)}),"
-            f" {format_bytes(self.bytes_moved_per_step)} moved per denoising step"
+            f" {format_bytes(self.bytes_moved_per_step)} moved per denoising step{calls}"
         )
+        if self.steps is not None:
+            out.append(
+                f"{format_bytes(self.bytes_moved_per_image)} moved per image/video at {self.steps} steps"
+            )
         return "\n".join(out)
 
     def _mode(self) -> str:
@@ -339,18 +362,28 @@ def plan_offload(
     prefetch: int = 1,
     strategy: str = "auto",
     device_total: int | None = None,
+    calls_per_step: int = 1,
+    steps: int | None = None,
 ) -> Plan:
     """Place every component so the predicted device peak (weights + reserve) stays within ``budget``.
 
     ``budget`` and ``reserve`` are bytes or strings for :func:`parse_bytes`; a percentage budget is taken of
     ``device_total`` and a percentage reserve of the budget. ``strategy`` is "auto", "model" (swap every
     component whole) or "layerwise" (stream the denoiser). Raises ValueError when the budget cannot hold
-    the minimum, naming it in GiB and the ways to get there. See the module docstring for the rules.
+    the minimum, naming it in GiB and the ways to get there. ``calls_per_step`` (denoiser calls per
+    denoising step) and ``steps`` only scale the reported traffic; they do not change the placement.
+    See the module docstring for the rules.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(map(repr, STRATEGIES))}")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be a non-negative int (blocks copied ahead), got {prefetch!r}")
+    if isinstance(calls_per_step, bool) or not isinstance(calls_per_step, int) or calls_per_step < 1:
+        raise ValueError(
+            f"calls_per_step must be an int >= 1 (denoiser calls per step), got {calls_per_step!r}"
+        )
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be None or an int >= 1 (denoising steps per call), got {steps!r}")
     budget_bytes = parse_bytes(budget, total=device_total)
     reserve_bytes = parse_bytes(reserve, total=budget_bytes)
     comps = _normalise(components)
@@ -418,18 +451,32 @@ def plan_offload(
                     max(lay.slots - 1, 0),
                     lay.active,
                     lay.moved,
+                    c.other + sum(c.blocks[i] for i in lay.resident),
                 )
             )
         else:
-            plans.append(ComponentPlan(c.name, c.role, "swapped", (), (), 0, c.total, c.total))
+            plans.append(ComponentPlan(c.name, c.role, "swapped", (), (), 0, c.total, c.total, c.total))
 
     always = sum(p.active_device_bytes for p in plans if p.strategy == "resident")
     turns = max((p.active_device_bytes for p in plans if p.strategy != "resident"), default=0)
-    per_step = sum(p.bytes_moved_per_call for p in plans if p.role == "denoiser" and p.strategy == "streamed")
+    # Experts take turns by step range: the largest streamed denoiser sets the traffic of a step.
+    per_call = max(
+        (p.bytes_moved_per_call for p in plans if p.role == "denoiser" and p.strategy == "streamed"),
+        default=0,
+    )
+    # Once per pipeline call: swaps and non-block parts, and one pass of each streamed non-denoiser.
+    once = sum(
+        p.bytes_loaded_per_call
+        + (p.bytes_moved_per_call if p.strategy == "streamed" and p.role != "denoiser" else 0)
+        for p in plans
+    )
     return Plan(
         components=tuple(plans),
         budget_bytes=budget_bytes,
         reserve_bytes=reserve_bytes,
         peak_device_bytes=always + turns + reserve_bytes,
-        bytes_moved_per_step=per_step,
+        bytes_moved_per_step=calls_per_step * per_call,
+        calls_per_step=calls_per_step,
+        steps=steps,
+        bytes_loaded_per_image=once,
     )

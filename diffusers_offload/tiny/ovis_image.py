@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+from diffusers import OvisImagePipeline, OvisImageTransformer2DModel
 
-from diffusers_offload.tiny._common import cast_and_eval
+from diffusers_offload.tiny._common import build_flux_style_scheduler, cast_and_eval
 from diffusers_offload.tiny._qwen_tokenizer import QWEN3_CHAT_TEMPLATE, build_tiny_qwen_tokenizer
 from diffusers_offload.tiny.z_image import TEXT_HIDDEN, build_tiny_flux_vae, build_tiny_qwen3
 
@@ -73,14 +73,7 @@ def build_tiny_ovis_image_pipeline(seed: int = 0, dtype: torch.dtype = torch.flo
     """
     tokenizer = build_tiny_qwen_tokenizer(QWEN3_CHAT_TEMPLATE)
     pipe = OvisImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            base_image_seq_len=256,
-            base_shift=0.5,
-            max_image_seq_len=4096,
-            max_shift=1.15,
-            shift=3.0,
-            use_dynamic_shifting=True,
-        ),
+        scheduler=build_flux_style_scheduler(),
         vae=build_tiny_flux_vae(seed * 10 + 1, dtype),
         text_encoder=build_tiny_qwen3(tokenizer, seed * 10 + 2, dtype),
         tokenizer=tokenizer,

@@ -27,16 +27,23 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
-from diffusers_offload.tiny._common import LATENT_CHANNELS, build_tiny_kl_vae, cast_and_eval
+from diffusers_offload.tiny._common import (
+    LATENT_CHANNELS,
+    build_tiny_kl_vae,
+    build_tiny_t5_encoder,
+    cast_and_eval,
+)
 from diffusers_offload.tiny._tokenizers import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
 
 __all__ = [
     "TINY_SD3_CALL",
+    "build_tiny_clip_text_encoder",
     "build_tiny_sd3_pipeline",
     "build_tiny_sd3_transformer",
     "build_tiny_sd3_vae",
+    "build_tiny_t5",
 ]
 
 # Default call: CFG on (guidance_scale > 1) so the DiT sees a batch of 2, short T5 context to stay fast.
@@ -49,7 +56,7 @@ TINY_SD3_CALL: dict[str, Any] = dict(
 )
 
 _CLIP_WIDTHS = ((32, 32), (48, 48))  # (hidden_size, projection_dim) of text_encoder, text_encoder_2
-_T5_WIDTH = 96
+T5_WIDTH = 96  # also the width of the tiny FLUX.1's T5
 
 
 def build_tiny_sd3_transformer(
@@ -65,7 +72,7 @@ def build_tiny_sd3_transformer(
             num_layers=num_layers,
             attention_head_dim=16,
             num_attention_heads=2,
-            joint_attention_dim=_T5_WIDTH,
+            joint_attention_dim=T5_WIDTH,
             caption_projection_dim=32,  # must equal num_attention_heads * attention_head_dim
             pooled_projection_dim=sum(proj for _, proj in _CLIP_WIDTHS),
             out_channels=LATENT_CHANNELS,
@@ -80,7 +87,11 @@ def build_tiny_sd3_vae(seed: int = 0, dtype: torch.dtype = torch.float32) -> Aut
     return build_tiny_kl_vae(seed, dtype, scaling_factor=1.5305, shift_factor=0.0609)
 
 
-def _build_clip(seed: int, hidden: int, projection: int, tokenizer: Any) -> CLIPTextModelWithProjection:
+def build_tiny_clip_text_encoder(
+    seed: int, hidden: int, projection: int, tokenizer: Any, model_class: type = CLIPTextModelWithProjection
+) -> CLIPTextModel:
+    """A 2-layer CLIP text encoder of width ``hidden`` with ``tokenizer``'s vocabulary and ids; FLUX.1 uses
+    ``model_class=CLIPTextModel`` (pooled output, no projection)."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -97,30 +108,12 @@ def _build_clip(seed: int, hidden: int, projection: int, tokenizer: Any) -> CLIP
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return CLIPTextModelWithProjection(config).eval()
+        return model_class(config).eval()
 
 
-def _build_t5(seed: int, tokenizer: Any) -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=_T5_WIDTH,
-        d_kv=24,
-        d_ff=192,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return T5EncoderModel(config).eval()
+def build_tiny_t5(seed: int, tokenizer: Any) -> T5EncoderModel:
+    """A 2-layer, width-96 T5 v1.1-style encoder (gated-gelu) using ``tokenizer``'s vocabulary and ids."""
+    return build_tiny_t5_encoder(seed, tokenizer, d_model=T5_WIDTH, d_kv=24, d_ff=192)
 
 
 def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
@@ -133,9 +126,9 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -
     tokenizer_3 = build_tiny_t5_tokenizer()
     # Distinct sub-seeds so the two CLIP encoders do not get identical weights.
     (h1, p1), (h2, p2) = _CLIP_WIDTHS
-    text_encoder = _build_clip(seed * 10 + 1, h1, p1, tokenizer)
-    text_encoder_2 = _build_clip(seed * 10 + 2, h2, p2, tokenizer_2)
-    text_encoder_3 = _build_t5(seed * 10 + 3, tokenizer_3)
+    text_encoder = build_tiny_clip_text_encoder(seed * 10 + 1, h1, p1, tokenizer)
+    text_encoder_2 = build_tiny_clip_text_encoder(seed * 10 + 2, h2, p2, tokenizer_2)
+    text_encoder_3 = build_tiny_t5(seed * 10 + 3, tokenizer_3)
     pipe = StableDiffusion3Pipeline(
         transformer=build_tiny_sd3_transformer(seed * 10 + 4),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),

@@ -1,5 +1,6 @@
 """Every supported model, every strategy: bitwise equal to no offload, placement checked while it runs."""
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,10 +12,19 @@ from offload_probes import on_every_leaf_forward
 
 import diffusers_offload as dof
 from diffusers_offload.engine.packing import is_placeholder
+from diffusers_offload.tiny.flux import TINY_FLUX_CALL, build_tiny_flux_pipeline
+from diffusers_offload.tiny.flux2 import TINY_FLUX2_CALL, build_tiny_flux2_pipeline
+from diffusers_offload.tiny.hunyuan_video15 import (
+    TINY_HUNYUAN_VIDEO15_CALL,
+    TINY_HUNYUAN_VIDEO15_PROMPT,
+    build_tiny_hunyuan_video15_pipeline,
+    shorten_text_lengths,
+)
 from diffusers_offload.tiny.longcat_image import TINY_LONGCAT_IMAGE_CALL, build_tiny_longcat_image_pipeline
 from diffusers_offload.tiny.ovis_image import TINY_OVIS_IMAGE_CALL, build_tiny_ovis_image_pipeline
 from diffusers_offload.tiny.qwen_image import TINY_QWEN_IMAGE_CALL, build_tiny_qwen_image_pipeline
 from diffusers_offload.tiny.sd3 import TINY_SD3_CALL, build_tiny_sd3_pipeline
+from diffusers_offload.tiny.wan import TINY_WAN_CALL, build_tiny_wan_pipeline
 from diffusers_offload.tiny.z_image import TINY_Z_IMAGE_CALL, build_tiny_z_image_pipeline
 from model_registry import get_adapter, pipeline_modules
 
@@ -24,12 +34,17 @@ class Model:
     build: Callable[[], Any]
     call: dict
     diffusers: bool = True
+    prompt: str = "a cat on a laptop"
+    video: bool = False
+    reloaded: Callable[[Any], Any] = lambda pipe: pipe  # what a reloaded pipeline needs set again
 
     def generate(self, pipe):
         if not self.diffusers:
-            return pipe.generate_image("a cat on a laptop", **self.call, seed=0)
+            return pipe.generate_image(self.prompt, **self.call, seed=0)
         generator = torch.Generator().manual_seed(0)
-        return pipe("a cat on a laptop", **self.call, generator=generator, output_type="pt").images
+        # By keyword: Flux2Pipeline's first positional argument is `image`.
+        out = pipe(prompt=self.prompt, **self.call, generator=generator, output_type="pt")
+        return out.frames if self.video else out.images
 
 
 MODELS = {
@@ -39,6 +54,18 @@ MODELS = {
     "longcat-image": Model(build_tiny_longcat_image_pipeline, TINY_LONGCAT_IMAGE_CALL),
     "ovis-image": Model(build_tiny_ovis_image_pipeline, TINY_OVIS_IMAGE_CALL),
     "nextstep": Model(build_tiny_nextstep_pipeline, TINY_NEXTSTEP_CALL, diffusers=False),
+    "flux": Model(build_tiny_flux_pipeline, TINY_FLUX_CALL),
+    "flux2": Model(build_tiny_flux2_pipeline, TINY_FLUX2_CALL),
+    "wan": Model(build_tiny_wan_pipeline, TINY_WAN_CALL, video=True),
+    # Wan 2.2 A14B: the boundary falls inside the 4 steps, so both experts run in every call.
+    "wan-2.2": Model(functools.partial(build_tiny_wan_pipeline, two_experts=True), TINY_WAN_CALL, video=True),
+    "hunyuanvideo15": Model(
+        build_tiny_hunyuan_video15_pipeline,
+        TINY_HUNYUAN_VIDEO15_CALL,
+        prompt=TINY_HUNYUAN_VIDEO15_PROMPT,  # quoted text: the glyph encoder runs too
+        video=True,
+        reloaded=shorten_text_lengths,
+    ),
 }
 STRATEGIES = {
     "model": dict(kind="model"),
@@ -121,10 +148,15 @@ def test_bitwise_with_placement_checked(model, strategy):
             probe.__exit__(None, None, None)
     adapter = get_adapter(pipe)
     assert counts.get(adapter.denoiser, 0) > 0 and counts.get("vae", 0) > 0
+    assert all(counts.get(name, 0) > 0 for name in adapter.experts if name in pipeline_modules(pipe))
     assert not spec.diffusers or any(counts.get(name, 0) > 0 for name in adapter.encoders)
     streamed = [record for record in handle.components.values() if record.ring is not None]
     if options["kind"] == "layerwise":
         assert any(record.ring.stats.calls > 0 for record in streamed)
+        # Every denoiser streams, Wan 2.2's low-noise expert too (never swapped in whole).
+        for name in adapter.denoisers:
+            if name in handle.components:
+                assert handle.components[name].ring.stats.calls > 0, name
     if options.get("encoders") == "stream" and spec.diffusers:
         assert len(streamed) >= 2  # the DiT and at least one text encoder
     pipe.disable_offload()
@@ -137,7 +169,7 @@ def test_bitwise_with_placement_checked(model, strategy):
 @pytest.mark.parametrize("model", [name for name, spec in MODELS.items() if spec.diffusers])
 def test_saved_and_reloaded_with_offload_pipeline(model, tmp_path):
     MODELS[model].build().save_pretrained(tmp_path)
-    pipe = dof.OffloadPipeline.from_pretrained(tmp_path)
+    pipe = MODELS[model].reloaded(dof.OffloadPipeline.from_pretrained(tmp_path))
     pipe.set_progress_bar_config(disable=True)
     pipe.enable_layerwise_offload("cpu", prefetch=1)
     # Packing copies every weight into 64-byte aligned slabs, so even weights that from_pretrained left at

@@ -255,6 +255,12 @@ EXPECTED_BLOCKS = {
     "longcat-image": {"transformer": [10, 20], "text_encoder": [28]},
     "ovis-image": {"transformer": [6, 27], "text_encoder": [28]},
     "nextstep": {"model": [48]},
+    "flux1-dev": {"transformer": [19, 38], "text_encoder": [12], "text_encoder_2": [24]},
+    "flux2-dev": {"transformer": [8, 48], "text_encoder": [40]},
+    "wan21-t2v-14b": {"transformer": [40], "text_encoder": [24]},
+    "wan22-t2v-a14b": {"transformer": [40], "transformer_2": [40], "text_encoder": [24]},
+    "wan22-ti2v-5b": {"transformer": [30], "text_encoder": [24]},
+    "hunyuanvideo15-720p-t2v": {"transformer": [54], "text_encoder": [28], "text_encoder_2": [12]},
 }
 
 
@@ -269,7 +275,19 @@ def test_declared_paths_resolve_on_meta_built_configs(model):
     assert lengths == EXPECTED_BLOCKS[model]
 
 
-@pytest.mark.parametrize("model", ["sd35-medium", "qwen-image", "z-image", "longcat-image", "ovis-image"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "sd35-medium",
+        "qwen-image",
+        "z-image",
+        "longcat-image",
+        "ovis-image",
+        "flux1-dev",
+        "flux2-dev",
+        "wan22-t2v-a14b",
+    ],
+)
 def test_entry_methods_exist_on_real_pipeline_instances(model):
     pipe = _pipeline(model)
     comps = get_adapter(pipe).validate(pipe)  # raises if any declared method or path is missing
@@ -305,6 +323,33 @@ def test_nextstep_declaration_fits_the_standin_pipeline():
     adapter = get_adapter(pipe)
     assert adapter.name == "nextstep"
     assert set(adapter.validate(pipe)) == {"model", "vae"}  # paths, host-only, gen_pos_embed, methods
+
+
+def test_video_and_flux_declarations_in_installed_libraries():
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        CLIPVisionModelWithProjection,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    comps = _meta("flux2-dev")[1]
+    flux2 = get_adapter("Flux2Pipeline")
+    hosted = [p for p, _ in flux2.host_only_of("text_encoder", comps["text_encoder"])]
+    assert hosted == ["model.vision_tower", "model.multi_modal_projector"]
+    assert flux2.resident_tensors == {"vae": ("bn.running_mean", "bn.running_var")}
+    assert get_adapter("WanImageToVideoPipeline").experts == ("transformer_2",)
+    with torch.device("meta"):
+        vision = dict(num_hidden_layers=2)
+        encoders = {
+            "FluxPipeline": CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)),
+            "WanImageToVideoPipeline": CLIPVisionModel(CLIPVisionConfig(**vision)),
+            "HunyuanVideo15ImageToVideoPipeline": SiglipVisionModel(SiglipVisionConfig(**vision)),
+        }
+    for pipeline_class, encoder in encoders.items():
+        adapter = get_adapter(pipeline_class)
+        assert [len(ml) for _, ml in adapter.block_lists_of("image_encoder", encoder)] == [2], pipeline_class
 
 
 def test_sd3_image_encoder_path_in_installed_transformers():
@@ -383,6 +428,31 @@ def _tiny_dits():
         flux_inputs,
     )
     yield "OvisImagePipeline", diffusers.OvisImageTransformer2DModel(out_channels=8, **flux_like), flux_inputs
+    yield (
+        "FluxPipeline",
+        diffusers.FluxTransformer2DModel(pooled_projection_dim=8, **flux_like),
+        {**flux_inputs, "pooled_projections": torch.randn(1, 8)},
+    )
+    from diffusers_offload.tiny.flux2 import build_tiny_flux2_transformer
+    from diffusers_offload.tiny.wan import build_tiny_wan_transformer
+
+    yield (
+        "Flux2Pipeline",
+        build_tiny_flux2_transformer(),
+        dict(
+            hidden_states=torch.randn(1, 16, 128), encoder_hidden_states=torch.randn(1, 5, 96),
+            timestep=torch.tensor([0.5]), guidance=torch.tensor([4.0]), img_ids=torch.zeros(1, 16, 4),
+            txt_ids=torch.zeros(1, 5, 4),
+        ),
+    )  # fmt: skip
+    yield (
+        "WanPipeline",
+        build_tiny_wan_transformer(),
+        dict(
+            hidden_states=torch.randn(1, 16, 2, 4, 4), timestep=torch.tensor([500]),
+            encoder_hidden_states=torch.randn(1, 5, 32),
+        ),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(_tiny_dits()), ids=lambda case: case[0])
@@ -393,3 +463,24 @@ def test_declared_block_order_is_the_forward_call_order(case):
         model(**inputs)
     # every block runs once, in the declared order, and no undeclared ModuleList runs
     assert calls == _declared_order(pipeline_class, model)
+
+
+def test_denoiser_calls_and_experts_are_validated():
+    from model_registry import DenoiserCalls
+
+    with pytest.raises(ValueError, match="not both"):
+        DenoiserCalls("guidance_scale", guider="guider")
+    with pytest.raises(TypeError, match=r"write \('negative_prompt',\)"):
+        DenoiserCalls("true_cfg_scale", needs_one_of="negative_prompt")
+    with pytest.raises(TypeError, match="DenoiserCalls"):
+        ModelAdapter(name="x", pipeline_classes=("P",), calls=2)
+    with pytest.raises(ValueError, match="must be distinct"):
+        ModelAdapter(name="x", pipeline_classes=("P",), experts=("transformer",))
+    cfg = DenoiserCalls("guidance_scale", default=5.0)
+    assert [cfg.per_step(c) for c in ({}, {"guidance_scale": 1.0}, {"guidance_scale": None})] == [2, 1, 2]
+    true_cfg = DenoiserCalls("true_cfg_scale", default=4.0, needs_one_of=("negative_prompt",))
+    assert true_cfg.per_step({}) == 1 and true_cfg.per_step({"negative_prompt": "blurry"}) == 2
+    adapter = ModelAdapter(
+        name="x", pipeline_classes=("P",), block_lists=("blocks",), experts=("transformer_2",)
+    )
+    assert adapter.role("transformer_2") == "denoiser" and adapter.block_paths("transformer_2") == ("blocks",)
