@@ -40,8 +40,10 @@ timeout 240 "$python" -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu 2
 # model|rows|steps: the full comparison where it fits the budget, the rows that matter most where not.
 for job in \
     "sd35-medium|all|3" \
-    "z-image|none,model,layerwise-p1,layerwise-p2,budget-50,diffusers-group-block,diffusers-group-leaf|3" \
-    "qwen-image|none,layerwise-p1,budget-50,diffusers-group-block|2"; do
+    "wan21-t2v-14b|none,layerwise-p1,layerwise-p2,budget-50,diffusers-group-block|2" \
+    "qwen-image|none,layerwise-p1,budget-50,diffusers-group-block|2" \
+    "z-image|none,model,layerwise-p1,budget-50,diffusers-group-block,diffusers-group-leaf|3" \
+    "flux1-dev|none,layerwise-p1,budget-50,diffusers-group-block|3"; do
     IFS='|' read -r model rows steps <<<"$job"
     elapsed=$(($(date +%s) - started))
     if [ "$elapsed" -ge "$budget" ]; then

@@ -10,7 +10,18 @@ from pathlib import Path
 OFFLOAD_CHOICES = ("none", "model", "layerwise", "auto")
 DTYPES = ("bfloat16", "float16", "float32")
 # Named here so that `--help` needs no torch import; tests check they match the bench package.
-BENCH_MODELS = ("sd35-medium", "qwen-image", "z-image", "tiny-sd3", "tiny-qwen-image", "tiny-z-image")
+BENCH_MODELS = (
+    "sd35-medium",
+    "qwen-image",
+    "z-image",
+    "flux1-dev",
+    "wan21-t2v-14b",
+    "tiny-sd3",
+    "tiny-qwen-image",
+    "tiny-z-image",
+    "tiny-flux",
+    "tiny-wan",
+)
 BENCH_ROWS = (
     "none",
     "model",

@@ -3,7 +3,8 @@
 Real-size models are built from the shipped configs with random weights, constructed on the device
 (initialised there, every computed buffer right) and cast to the benchmark dtype; tiny ones come from
 `diffusers_offload.tiny`. A step is the transformer calls of one denoising step at a realistic sequence
-length: SD3.5 batches CFG into one call of batch 2, Qwen-Image's true CFG makes two calls of batch 1.
+length: SD3.5 batches CFG into one call of batch 2, Qwen-Image's true CFG and Wan's CFG make two calls
+of batch 1.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ class BenchModel:
     height: int = 1024
     width: int = 1024
     tiny_builder: Callable[..., Any] | None = None
+    frames: int = 1  # video models: frames of the clip
 
 
 def _randn(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    if device.type == "meta":  # shapes only (tests run the real-size steps on meta)
+        return torch.empty(shape, device=device, dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
@@ -103,6 +107,42 @@ def _z_image_inputs(dit: nn.Module, height: int, width: int, spec: BenchModel, d
 TINY_BLOCKS = 6
 
 
+def _flux_inputs(dit: nn.Module, height: int, width: int, spec: BenchModel, device, dtype) -> Inputs:
+    c = dit.config
+    rows, cols = height // 16, width // 16  # VAE factor 8, then 2x2 patches packed into channels
+    image_ids = torch.zeros(rows, cols, 3, device=device, dtype=dtype)
+    image_ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None]
+    image_ids[..., 2] = torch.arange(cols, device=device, dtype=dtype)[None, :]
+    batch = spec.batch
+    call = dict(
+        hidden_states=_randn((batch, rows * cols, c.in_channels), device, dtype, 0),
+        encoder_hidden_states=_randn((batch, spec.text_tokens, c.joint_attention_dim), device, dtype, 1),
+        pooled_projections=_randn((batch, c.pooled_projection_dim), device, dtype, 2),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        img_ids=image_ids.reshape(rows * cols, 3),
+        txt_ids=torch.zeros(spec.text_tokens, 3, device=device, dtype=dtype),
+        return_dict=False,
+    )
+    if c.guidance_embeds:  # FLUX.1-dev is guidance-distilled: one call per step, the scale as an input
+        call["guidance"] = torch.full((batch,), 3.5, device=device, dtype=torch.float32)
+    return [call]
+
+
+def _wan_inputs(dit: nn.Module, height: int, width: int, spec: BenchModel, device, dtype) -> Inputs:
+    c = dit.config
+    latent_frames = (spec.frames - 1) // 4 + 1  # the VAE compresses time 4x, keeping the first frame
+    latents = _randn((spec.batch, c.in_channels, latent_frames, height // 8, width // 8), device, dtype, 0)
+    return [
+        dict(  # the prompt, then the negative prompt (CFG as two calls)
+            hidden_states=latents,
+            timestep=torch.full((spec.batch,), 500, device=device, dtype=torch.long),
+            encoder_hidden_states=_randn((spec.batch, spec.text_tokens, c.text_dim), device, dtype, 1 + call),
+            return_dict=False,
+        )
+        for call in range(spec.calls_per_step)
+    ]
+
+
 def _tiny(module: str) -> Callable[..., Any]:
     """Builds `diffusers_offload.tiny.<module>`'s pipeline with a DiT of `TINY_BLOCKS` blocks."""
 
@@ -128,9 +168,17 @@ MODELS: dict[str, BenchModel] = {
         BenchModel("qwen-image", "Qwen/Qwen-Image", _qwen_image_inputs, 2, 1, 128),
         # Turbo runs without CFG: one call of batch 1.
         BenchModel("z-image", "Tongyi-MAI/Z-Image-Turbo", _z_image_inputs, 1, 1, 128),
+        # Guidance-distilled: one call per step; 512 T5 tokens.
+        BenchModel("flux1-dev", "black-forest-labs/FLUX.1-dev", _flux_inputs, 1, 1, 512),
+        # 480p, 25 frames: 7 latent frames of 30x52 patches, 10,920 tokens; CFG as two calls.
+        BenchModel(
+            "wan21-t2v-14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", _wan_inputs, 2, 1, 512, 480, 832, frames=25
+        ),
         BenchModel("tiny-sd3", "tiny", _sd3_inputs, 1, 2, 16, 64, 64, _tiny("sd3")),
         BenchModel("tiny-qwen-image", "tiny", _qwen_image_inputs, 2, 1, 16, 64, 64, _tiny("qwen_image")),
         BenchModel("tiny-z-image", "tiny", _z_image_inputs, 1, 1, 16, 64, 64, _tiny("z_image")),
+        BenchModel("tiny-flux", "tiny", _flux_inputs, 1, 1, 16, 64, 64, _tiny("flux")),
+        BenchModel("tiny-wan", "tiny", _wan_inputs, 2, 1, 16, 32, 32, _tiny("wan"), frames=5),
     )
 }
 

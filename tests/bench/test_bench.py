@@ -172,3 +172,24 @@ def test_floors_are_measured():
         for block in blocks:
             x = block(x)
     assert len(times) == 3 and all(t > 0 for t in times)
+
+
+@pytest.mark.parametrize("name", [name for name, spec in MODELS.items() if spec.source != "tiny"])
+def test_real_size_steps_have_the_shapes_their_transformers_take(name):
+    # The step of every real-size model, run on the meta device: the inputs fit the published config and
+    # the sequence is as long as the docs say, without a byte of memory.
+    from diffusers_offload.planning.meta import build_components
+
+    spec = MODELS[name]
+    _, components = build_components(spec.source, only=("transformer",))
+    dit = components["transformer"]
+    calls = spec.make_inputs(dit, spec.height, spec.width, spec, torch.device("meta"), torch.bfloat16)
+    assert len(calls) == spec.calls_per_step
+    with torch.inference_mode():
+        for kwargs in calls:
+            (sample,) = dit(**kwargs)[:1]
+            latents = kwargs.get("hidden_states", kwargs.get("x"))
+            if isinstance(latents, list):  # Z-Image takes and returns one tensor per image
+                assert [s.shape for s in sample] == [x.shape for x in latents]
+            else:
+                assert sample.shape == latents.shape
