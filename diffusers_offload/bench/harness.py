@@ -77,8 +77,10 @@ class RowResult:
     # Floors, measured in the `none` row.
     bandwidth: float | None = None  # bytes/s, pinned host to device
     block_compute_ms: float | None = None  # mean compute of one DiT block, everything resident
+    block_calls_per_step: int | None = None  # DiT block forwards in one step (blocks x calls)
     # Relative to `none`, filled in by the parent.
     ratio: float | None = None
+    added_per_block_us: float | None = None  # (step - none's step) / block calls: the engine's overhead
     floor_s: float | None = None
     matches_none: bool | None = None
 
@@ -139,6 +141,7 @@ def _measure_row(config: BenchConfig, name: str, result: RowResult) -> None:
     dit = modules[adapter.denoiser]
     result.model_bytes = module_bytes(modules)
     inputs = spec.make_inputs(dit, height, width, spec, device, dtype)
+    result.block_calls_per_step = len(resolve_blocks(dit, adapter.block_lists)) * len(inputs)
     encoder_inputs = text_encoder_inputs(pipe, device)
     gc.collect()
     if is_accelerator(device):
@@ -274,6 +277,8 @@ def _relate(results: list[RowResult]) -> None:
         if result.step_s is None or none.step_s is None:
             continue
         result.ratio = result.step_s / none.step_s
+        if result.block_calls_per_step:
+            result.added_per_block_us = (result.step_s - none.step_s) / result.block_calls_per_step * 1e6
         transfer = (result.h2d_bytes_per_step or 0) / none.bandwidth if none.bandwidth else 0.0
         result.floor_s = max(none.step_s, transfer)
         if result.output_digest and none.output_digest:
@@ -285,6 +290,7 @@ _HEADERS = (
     "row",
     "s/step",
     "x none",
+    "+us/block",
     "floor s",
     "x floor",
     "peak alloc",
@@ -328,6 +334,7 @@ def format_results(config: BenchConfig, results: list[RowResult]) -> str:
                 r.row,
                 _cell(r.step_s, ".4f"),
                 _cell(r.ratio, ".2f"),
+                _cell(r.added_per_block_us, ".1f"),
                 _cell(r.floor_s, ".4f"),
                 _cell(_ratio(r.step_s, r.floor_s), ".2f"),
                 _cell(r.peak_allocated, "bytes"),

@@ -67,6 +67,9 @@ def test_streamed_rows_measure_traffic_and_floors(tiny_sd3_run):
         assert row["hidden_fraction"] == 0  # the CPU copies synchronously: nothing is hidden
         assert row["floor_s"] == max(none["step_s"], row["h2d_bytes_per_step"] / none["bandwidth"])
         assert row["ratio"] == pytest.approx(row["step_s"] / none["step_s"])
+        assert row["block_calls_per_step"] == TINY_BLOCKS  # one call per step, every block once
+        added = (row["step_s"] - none["step_s"]) / TINY_BLOCKS * 1e6
+        assert row["added_per_block_us"] == pytest.approx(added)  # the engine's overhead per block call
     assert rows["model"]["h2d_bytes_per_step"] == 0  # the DiT stays on the device once swapped in
 
 
