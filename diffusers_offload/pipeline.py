@@ -11,6 +11,7 @@ from model_registry import ModelAdapter, get_adapter, pipeline_modules
 
 from .engine import OffloadHandle, Placement, apply_placements
 from .engine.devices import is_accelerator, resolve_device
+from .engine.hooks import wrap_weight_editor
 from .engine.transfer import Copier
 from .planning import DEFAULT_RESERVE, Plan, measure_components, parse_bytes, plan_offload
 from .report import OffloadReport, build_report
@@ -19,6 +20,23 @@ from .report import OffloadReport, build_report
 FREE_MEMORY_MARGIN = 0.9
 
 ENCODER_POLICIES = ("swap", "stream")
+
+# Pipeline methods (diffusers' LoRA loader mixins, fused projections) that change component weights.
+# Some reach the weights without a component method (text-encoder LoRA fuse/unload), so the whole call
+# runs as one edit of the host copy.
+PIPELINE_WEIGHT_EDITORS = (
+    "load_lora_weights",
+    "fuse_lora",
+    "unfuse_lora",
+    "set_adapters",
+    "delete_adapters",
+    "unload_lora_weights",
+    "enable_lora",
+    "disable_lora",
+    "set_lora_device",
+    "fuse_qkv_projections",
+    "unfuse_qkv_projections",
+)
 
 
 def _adapter_for(pipe: Any, adapter: ModelAdapter | None) -> ModelAdapter:
@@ -135,6 +153,10 @@ class OffloadMixin:
         modules = pipeline_modules(self)
         handle = apply_placements(modules, placements, device, pin_memory, kind=kind, copier=copier)
         handle.plan = plan
+        for method in PIPELINE_WEIGHT_EDITORS:
+            if callable(getattr(self, method, None)):
+                undo = wrap_weight_editor(self, method, handle.edit_weights)
+                handle.on_remove(lambda _target, undo=undo: undo())
         self._offload_handle = handle
         return handle
 

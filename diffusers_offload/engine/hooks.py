@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -19,6 +20,28 @@ from .swap import SwapMember, SwapSet
 
 STREAMED_BLOCK_HOOK = "diffusers_offload.streamed_block"
 SWAP_ENTRY_HOOK = "diffusers_offload.swap_entry"
+
+# Methods of torch, diffusers (PeftAdapterMixin, ModelMixin) and transformers models that change weights
+# or add/remove layers. While offloaded they run on the host copy (`OffloadHandle.edit_weights`).
+WEIGHT_EDITORS = (
+    "load_state_dict",
+    "load_lora_adapter",
+    "fuse_lora",
+    "unfuse_lora",
+    "unload_lora",
+    "set_adapters",
+    "set_adapter",
+    "add_adapter",
+    "load_adapter",
+    "delete_adapters",
+    "delete_adapter",
+    "enable_lora",
+    "disable_lora",
+    "enable_adapters",
+    "disable_adapters",
+    "fuse_qkv_projections",
+    "unfuse_qkv_projections",
+)
 
 
 class StreamedBlockHook(ModelHook):
@@ -86,14 +109,34 @@ def wrap_entry_method(module: torch.nn.Module, method: str, before: Callable[[],
     return wrap_attribute(module, method, entered)
 
 
-def refuse_moves(module: torch.nn.Module, name: str) -> Callable[[], None]:
-    """Makes `.to()`, `.cuda()`, `.half()`... on `module` raise while it is offloaded; returns the undo.
+def wrap_weight_editor(
+    owner: object, method: str, session: Callable[[], AbstractContextManager[None]]
+) -> Callable[[], None]:
+    """Runs `owner.<method>` inside `session()` (an edit of the host copy); returns the undo."""
+    bound = getattr(owner, method)
+
+    @functools.wraps(bound)
+    def edited(*args: Any, **kwargs: Any) -> Any:
+        with session():
+            return bound(*args, **kwargs)
+
+    return wrap_attribute(owner, method, edited)
+
+
+def refuse_moves(
+    module: torch.nn.Module, name: str, allowed: Callable[[], bool] = lambda: False
+) -> Callable[[], None]:
+    """Makes `.to()`, `.cuda()`, `.half()`... on `module` raise while it is offloaded, unless `allowed()`
+    (inside an edit of the host copy, which takes in whatever they did); returns the undo.
 
     They all go through `nn.Module._apply`, which would convert placeholders and device views behind
     the offload's back (a cast would be silently undone at the next load).
     """
+    apply = module._apply
 
     def refused(*args: Any, **kwargs: Any) -> Any:
+        if allowed():
+            return apply(*args, **kwargs)
         raise RuntimeError(
             f"{name} is offloaded: moving or casting it (.to, .cuda, .half, ...) would act on offload "
             "placeholders. Call pipe.disable_offload() (or handle.remove()) first, then enable offloading "
@@ -103,9 +146,7 @@ def refuse_moves(module: torch.nn.Module, name: str) -> Callable[[], None]:
     return wrap_attribute(module, "_apply", refused)
 
 
-def wrap_attribute(
-    module: torch.nn.Module, attribute: str, replacement: Callable[..., Any]
-) -> Callable[[], None]:
+def wrap_attribute(module: object, attribute: str, replacement: Callable[..., Any]) -> Callable[[], None]:
     """Sets an instance attribute shadowing a method; returns the undo (which restores any previous one)."""
     had_own = attribute in module.__dict__
     previous = module.__dict__.get(attribute)

@@ -102,11 +102,17 @@ class WeightGroup:
 
     def __init__(self, name: str, tensors: list[torch.Tensor], *, pin: bool, device_type: str) -> None:
         self.name = name
+        self.pin = pin
+        self.device_type = device_type
+        self.placeholders: list[torch.Tensor] = []
+        self._pack(tensors, [t.device for t in tensors])
+
+    def _pack(self, tensors: list[torch.Tensor], original_devices: list[torch.device]) -> None:
         self.tensors = tensors
         self.dtypes = [t.dtype for t in tensors]
         self.shapes = [t.shape for t in tensors]
         self.sizes = [t.numel() * t.element_size() for t in tensors]
-        self.original_devices = [t.device for t in tensors]
+        self.original_devices = original_devices
         self.offsets: list[int] = []
         offset = 0
         for size in self.sizes:
@@ -117,13 +123,43 @@ class WeightGroup:
         self.data_bytes = sum(self.sizes)
         # Groups with equal layouts (identical blocks) can share views into the same buffer.
         self.layout = (tuple(self.offsets), tuple(self.dtypes), tuple(self.shapes))
-        self.slab = HostSlab(self.nbytes, pin=pin, device_type=device_type)
-        self.placeholders: list[torch.Tensor] = []
+        self.slab = HostSlab(self.nbytes, pin=self.pin, device_type=self.device_type)
         # Each tensor is copied in, then re-pointed at its host view at once, so the original storage
         # can be freed as we go: host memory never holds two copies of the group.
         for tensor, view in zip(self.tensors, self.views_into(self.slab.data), strict=True):
             view.copy_(tensor.detach())
             tensor.data = view
+
+    def point_to_host(self) -> None:
+        """Re-points every tensor at its view of the host slab (the copy that edits must change)."""
+        self.point_to(self.views_into(self.slab.data))
+
+    def refresh(self, tensors: list[torch.Tensor]) -> bool:
+        """Takes in what an edit did while the tensors pointed at the host slab; returns True if repacked.
+
+        `tensors` is what the group's modules hold now. A tensor whose storage was replaced (e.g.
+        `weight.data = merged`) is copied back into its view; a tensor added or dropped, or a new shape
+        or dtype, re-packs this group (only) into a new slab.
+        """
+        same = [id(t) for t in tensors] == [id(t) for t in self.tensors] and all(
+            t.dtype == dtype and t.shape == shape
+            for t, dtype, shape in zip(tensors, self.dtypes, self.shapes, strict=True)
+        )
+        if same:
+            for tensor, view in zip(tensors, self.views_into(self.slab.data), strict=True):
+                if tensor.numel() and tensor.data_ptr() != view.data_ptr():
+                    view.copy_(tensor.detach())
+                    tensor.data = view
+            return False
+        known = {id(t): device for t, device in zip(self.tensors, self.original_devices, strict=True)}
+        # A new tensor (a LoRA layer added while offloaded) goes back, on removal, where the group's
+        # other weights go.
+        fallback = self.original_devices[0] if self.original_devices else None
+        devices = [known.get(id(t), fallback or t.device) for t in tensors]
+        old = self.slab
+        self._pack(tensors, devices)
+        old.release()
+        return True
 
     def views_into(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Typed views of every tensor inside a uint8 `buffer` laid out like the host slab."""

@@ -19,10 +19,12 @@ from .handle import OffloadHandle, ensure_not_offloaded
 from .hooks import (
     STREAMED_BLOCK_HOOK,
     SWAP_ENTRY_HOOK,
+    WEIGHT_EDITORS,
     StreamedBlockHook,
     SwapEntryHook,
     register_hook,
     wrap_entry_method,
+    wrap_weight_editor,
 )
 from .packing import PlaceholderCache, WeightGroup, check_packable, collect_tensors, partition_tensors
 from .ring import PrefetchRing
@@ -66,6 +68,8 @@ class ComponentRecord:
     resident_blocks: int = 0  # blocks of a streamed component that are loaded with its rest
     groups: list[WeightGroup] = field(default_factory=list)  # every host slab of this component
     host_only: list[SwapSet] = field(default_factory=list)
+    host_only_modules: list[torch.nn.Module] = field(default_factory=list)
+    streamed_blocks: tuple[torch.nn.Module, ...] = ()  # in ring order
 
 
 def _validate(named: Mapping[str, torch.nn.Module], placements: Mapping[str, Placement]) -> None:
@@ -145,7 +149,7 @@ def _apply(
     copier: Copier,
 ) -> None:
     device = handle.device
-    placeholders = PlaceholderCache(device)
+    placeholders = handle.placeholders
     swap_set = SwapSet(device, copier)
     handle.swap_sets.append(swap_set)
     records = {name: ComponentRecord(name, module, placements[name]) for name, module in named.items()}
@@ -174,11 +178,11 @@ def _apply(
         before, first_group = handle.resident_bytes, len(handle.groups)
         move_resident(handle, always[name], device)
         for path in placement.host_only:
+            submodule = _resolve_attr(module, path, name)
             record.host_only.append(
-                _host_only(
-                    handle, f"{name}.{path}", _resolve_attr(module, path, name), claimed, placeholders, copier
-                )
+                _host_only(handle, f"{name}.{path}", submodule, claimed, placeholders, copier)
             )
+            record.host_only_modules.append(submodule)
         if placement.strategy == "resident":
             move_resident(handle, collect_tensors([module], claimed), device)
         elif placement.strategy == "swapped":
@@ -191,6 +195,7 @@ def _apply(
             keep = resident_indices(placement.resident_blocks, len(blocks))
             streamed = [block for i, block in enumerate(blocks) if i not in keep]
             record.resident_blocks = len(keep)
+            record.streamed_blocks = tuple(streamed)
             rest, block_tensors = partition_tensors(module, streamed, claimed)
             packed = block_tensors if placement.rest_resident else [rest, *block_tensors]
             for tensors in packed:
@@ -212,12 +217,59 @@ def _apply(
         if record.member is not None:
             attach_entry(handle, module, swap_set, record.member, placement.entry_methods)
         handle.mark(module, name)
+        for method in WEIGHT_EDITORS:
+            if callable(getattr(module, method, None)):
+                undo = wrap_weight_editor(module, method, handle.edit_weights)
+                handle.on_remove(lambda _target, undo=undo: undo())
     # A member alone in its swap set is never pushed out: its slots are allocated now, so that a device
     # too small fails here rather than in the middle of a step.
     if len(swap_set.members) == 1 and swap_set.members[0].ring is not None:
         swap_set.members[0].ring.allocate()
     # Undone first: every member back on placeholders before the groups restore their storage.
     handle.on_remove(lambda _target: swap_set.evict_all())
+    handle.take_in_edits = lambda: take_in_edits(handle)
+
+
+def take_in_edits(handle: OffloadHandle) -> list[str]:
+    """After `handle.edit_weights()`: every group takes in its modules' tensors as they are now (tensors
+    added inside a streamed block stream with it); returns the names of the groups that were re-packed.
+
+    Tensors are assigned exactly as when offloading was applied; new ones outside any group (a resident
+    component, or a streamed one's resident rest) go to the device for good.
+    """
+    excluded = {id(t) for t in handle.resident_tensors}
+    repacked: list[str] = []
+
+    def refresh(group: WeightGroup, tensors: list[torch.Tensor]) -> None:
+        check_packable(tensors, group.name)
+        if group.refresh(tensors):
+            repacked.append(group.name)
+
+    for record in handle.components.values():
+        module, placement = record.module, record.placement
+        for submodule, own_set in zip(record.host_only_modules, record.host_only, strict=True):
+            refresh(own_set.members[0].group, collect_tensors([submodule], excluded))
+        if placement.strategy == "resident":
+            move_resident(handle, collect_tensors([module], excluded), handle.device)
+        elif placement.strategy == "swapped":
+            refresh(record.member.group, collect_tensors([module], excluded))
+        else:
+            rest, per_block = partition_tensors(module, record.streamed_blocks, excluded)
+            excluded.update(id(t) for tensors in (rest, *per_block) for t in tensors)
+            if record.member.group is None:
+                move_resident(handle, rest, handle.device)
+            else:
+                refresh(record.member.group, rest)
+            ring = record.ring
+            if ring is not None:
+                for group, tensors in zip(ring.groups, per_block, strict=True):
+                    refresh(group, tensors)
+                # Slots are sized at allocation, and the ring was freed for the edit.
+                ring.slot_bytes = max(group.nbytes for group in ring.groups)
+    for swap_set in handle.swap_sets[:1]:
+        if len(swap_set.members) == 1 and swap_set.members[0].ring is not None:
+            swap_set.members[0].ring.allocate()
+    return repacked
 
 
 def _host_only(
@@ -234,6 +286,7 @@ def _host_only(
     tensors = collect_tensors([submodule], claimed)
     check_packable(tensors, name)
     own_set = SwapSet(handle.device, copier)
+    handle.swap_sets.append(own_set)
     member = own_set.add(SwapMember(name, pack_group(handle, name, tensors, placeholders)))
     attach_entry(handle, submodule, own_set, member, ())
     handle.on_remove(lambda _target: own_set.evict_all())
@@ -242,11 +295,14 @@ def _host_only(
 
 def move_resident(handle: OffloadHandle, tensors: list[torch.Tensor], device: torch.device) -> None:
     """Moves `tensors` to `device` for as long as the handle lives (no host copy is kept)."""
+    already = {id(t) for t in handle.resident_tensors}
+    tensors = [t for t in tensors if id(t) not in already]
     originals = [t.device for t in tensors]
     for tensor in tensors:
         if tensor.device != device:
             tensor.data = tensor.data.to(device)
     handle.resident_bytes += sum(t.numel() * t.element_size() for t in tensors)
+    handle.resident_tensors.extend(tensors)
 
     def undo(target: torch.device | None) -> None:
         for tensor, original in zip(tensors, originals, strict=True):
