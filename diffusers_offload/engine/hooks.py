@@ -1,8 +1,8 @@
 """diffusers `ModelHook`s that drive the ring and the swap set, and wrappers for entry methods.
 
 Hooks are attached through `diffusers.hooks.HookRegistry`, so they stack with diffusers' own hooks
-(caches, layer skipping) in registration order: a hook registered later wraps ours, and if it skips a
-block our hook never runs for it, which the ring tolerates.
+(caches, layer skipping). The block hook is placed innermost whatever the order of enabling: a cache
+that skips a block skips its load too (the ring tolerates the gap). Removal in any order is safe.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .hook_chain import install_relinked_removal, move_innermost, uninstall_relinked_removal
 from .ring import PrefetchRing
 from .swap import SwapMember, SwapSet
 
-STREAMED_BLOCK_HOOK = "diffusers_offload.streamed_block"
-SWAP_ENTRY_HOOK = "diffusers_offload.swap_entry"
+HOOK_PREFIX = "diffusers_offload."
+STREAMED_BLOCK_HOOK = HOOK_PREFIX + "streamed_block"
+SWAP_ENTRY_HOOK = HOOK_PREFIX + "swap_entry"
 
 # Methods of torch, diffusers (PeftAdapterMixin, ModelMixin) and transformers models that change weights
 # or add/remove layers. While offloaded they run on the host copy (`OffloadHandle.edit_weights`).
@@ -74,15 +76,26 @@ class SwapEntryHook(ModelHook):
         return args, kwargs
 
 
-def register_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> Callable[[], None]:
-    """Registers `hook` on `module`; returns the function that removes it again."""
+def register_hook(
+    module: torch.nn.Module, hook: ModelHook, name: str, *, innermost: bool = False
+) -> Callable[[], None]:
+    """Registers `hook` on `module` (`innermost`: inside hooks registered before it, too); returns the
+    function that removes it again.
+
+    While it is registered, removing any hook of the registry re-links the chain correctly (see
+    `hook_chain`), so ours and diffusers' hooks can be removed in any order.
+    """
     created = not hasattr(module, "_diffusers_hook")
     had_own_forward = "forward" in module.__dict__
     registry = HookRegistry.check_if_exists_or_initialize(module)
     registry.register_hook(hook, name)
+    install_relinked_removal(registry)
+    if innermost:
+        move_innermost(registry, name)
 
     def remove() -> None:
         registry.remove_hook(name, recurse=False)
+        uninstall_relinked_removal(registry, HOOK_PREFIX)
         if not created or registry.hooks or getattr(module, "_diffusers_hook", None) is not registry:
             return
         # Leave no state behind that we introduced: the registry, and the bound `forward` the registry

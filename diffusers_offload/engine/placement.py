@@ -343,12 +343,14 @@ def build_ring(
     handle.rings.append(ring)
     handle.on_remove(lambda _target: ring.free())
     for position, block in enumerate(streamed):
-        attach_hook(handle, block, StreamedBlockHook(ring, position), STREAMED_BLOCK_HOOK)
+        attach_hook(handle, block, StreamedBlockHook(ring, position), STREAMED_BLOCK_HOOK, innermost=True)
     return ring
 
 
-def attach_hook(handle: OffloadHandle, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-    remove = register_hook(module, hook, name)
+def attach_hook(
+    handle: OffloadHandle, module: torch.nn.Module, hook: ModelHook, name: str, *, innermost: bool = False
+) -> None:
+    remove = register_hook(module, hook, name, innermost=innermost)
     handle.on_remove(lambda _target: remove())
 
 
