@@ -69,13 +69,51 @@ def partition_tensors(
     return rest, [[t for t in tensors if id(t) not in rest_ids] for tensors in per_block]
 
 
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
+_PLAIN_ATTRIBUTE_TYPES = (int, float, str, bool, type(None), torch.dtype, torch.Size, tuple)
+
+
+def storage_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold `tensor`'s bytes: itself, or for a tensor subclass that flattens
+    (`__tensor_flatten__`: torchao, optimum-quanto) its inner tensors, recursively. Re-pointing a leaf
+    (`leaf.data = view`) re-points the subclass, which reads its inner tensors on every op."""
+    if not hasattr(type(tensor), "__tensor_flatten__"):
+        return [tensor]
+    names, _context = tensor.__tensor_flatten__()
+    return [leaf for name in names for leaf in storage_leaves(getattr(tensor, name))]
+
+
+def _unsupported(tensor: torch.Tensor) -> str | None:
+    """Why `tensor` cannot be packed as bytes, or None."""
+    kind = type(tensor)
+    if kind.__module__.split(".")[0] == "bitsandbytes":
+        return (
+            f"bitsandbytes {kind.__name__} keeps its quantization state outside the tensor, which "
+            "offloading cannot stream"
+        )
+    if kind not in PLAIN_TYPES and not hasattr(kind, "__tensor_flatten__"):
+        # A Parameter subclass that only tags its data (diffusers' GGUFParameter) streams like a plain one.
+        extra = [k for k, v in vars(tensor).items() if not isinstance(v, _PLAIN_ATTRIBUTE_TYPES)]
+        if not isinstance(tensor, torch.nn.Parameter) or extra:
+            return f"{kind.__name__} holds state the offload cannot re-point ({', '.join(extra) or 'type'})"
+    for leaf in storage_leaves(tensor):
+        if type(leaf) not in PLAIN_TYPES and leaf is not tensor:
+            return f"{kind.__name__} has an inner tensor of type {type(leaf).__name__}"
+        if leaf.is_sparse or leaf.device.type == "meta":
+            return f"its data is {'sparse' if leaf.is_sparse else 'on meta'}"
+    return None
+
+
 def check_packable(tensors: Sequence[torch.Tensor], where: str) -> None:
     for tensor in tensors:
-        plain = type(tensor) in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
-        if not plain or tensor.is_sparse or tensor.device.type == "meta":
+        reason = _unsupported(tensor)
+        if reason is not None:
             raise ValueError(
                 f"{where}: cannot offload a tensor of type {type(tensor).__name__} on {tensor.device} "
-                f"(dtype {tensor.dtype}). Load real weights (not on 'meta') as ordinary dense tensors."
+                f"(dtype {tensor.dtype}): {reason}. Supported: dense tensors with real data (load the "
+                "weights, not on 'meta'), tensor subclasses that flatten into dense tensors (torchao, "
+                "optimum-quanto) and diffusers' GGUFParameter; for bitsandbytes weights, quantize with "
+                "torchao or optimum-quanto instead."
             )
 
 
@@ -105,13 +143,19 @@ class WeightGroup:
         self.pin = pin
         self.device_type = device_type
         self.placeholders: list[torch.Tensor] = []
-        self._pack(tensors, [t.device for t in tensors])
+        leaves = [leaf for tensor in tensors for leaf in storage_leaves(tensor)]
+        self._pack(tensors, leaves, [leaf.device for leaf in leaves])
 
-    def _pack(self, tensors: list[torch.Tensor], original_devices: list[torch.device]) -> None:
+    def _pack(
+        self, tensors: list[torch.Tensor], leaves: list[torch.Tensor], original_devices: list[torch.device]
+    ) -> None:
+        # `tensors`: the parameters and buffers as modules hold them; `leaves`: the plain tensors that
+        # hold their bytes (the same tensors, unless some are quantized subclasses). Only leaves move.
         self.tensors = tensors
-        self.dtypes = [t.dtype for t in tensors]
-        self.shapes = [t.shape for t in tensors]
-        self.sizes = [t.numel() * t.element_size() for t in tensors]
+        self.leaves = leaves
+        self.dtypes = [t.dtype for t in leaves]
+        self.shapes = [t.shape for t in leaves]
+        self.sizes = [t.numel() * t.element_size() for t in leaves]
         self.original_devices = original_devices
         self.offsets: list[int] = []
         offset = 0
@@ -119,16 +163,16 @@ class WeightGroup:
             self.offsets.append(offset)
             offset += _aligned(size)
         # The last tensor needs no trailing padding: the slab is exactly what the data spans.
-        self.nbytes = self.offsets[-1] + self.sizes[-1] if tensors else 0
+        self.nbytes = self.offsets[-1] + self.sizes[-1] if leaves else 0
         self.data_bytes = sum(self.sizes)
         # Groups with equal layouts (identical blocks) can share views into the same buffer.
         self.layout = (tuple(self.offsets), tuple(self.dtypes), tuple(self.shapes))
         self.slab = HostSlab(self.nbytes, pin=self.pin, device_type=self.device_type)
         # Each tensor is copied in, then re-pointed at its host view at once, so the original storage
         # can be freed as we go: host memory never holds two copies of the group.
-        for tensor, view in zip(self.tensors, self.views_into(self.slab.data), strict=True):
-            view.copy_(tensor.detach())
-            tensor.data = view
+        for leaf, view in zip(self.leaves, self.views_into(self.slab.data), strict=True):
+            view.copy_(leaf.detach())
+            leaf.data = view
 
     def point_to_host(self) -> None:
         """Re-points every tensor at its view of the host slab (the copy that edits must change)."""
@@ -141,23 +185,25 @@ class WeightGroup:
         `weight.data = merged`) is copied back into its view; a tensor added or dropped, or a new shape
         or dtype, re-packs this group (only) into a new slab.
         """
-        same = [id(t) for t in tensors] == [id(t) for t in self.tensors] and all(
+        leaves = [leaf for tensor in tensors for leaf in storage_leaves(tensor)]
+        same = [id(t) for t in leaves] == [id(t) for t in self.leaves] and all(
             t.dtype == dtype and t.shape == shape
-            for t, dtype, shape in zip(tensors, self.dtypes, self.shapes, strict=True)
+            for t, dtype, shape in zip(leaves, self.dtypes, self.shapes, strict=True)
         )
         if same:
-            for tensor, view in zip(tensors, self.views_into(self.slab.data), strict=True):
-                if tensor.numel() and tensor.data_ptr() != view.data_ptr():
-                    view.copy_(tensor.detach())
-                    tensor.data = view
+            self.tensors = tensors
+            for leaf, view in zip(leaves, self.views_into(self.slab.data), strict=True):
+                if leaf.numel() and leaf.data_ptr() != view.data_ptr():
+                    view.copy_(leaf.detach())
+                    leaf.data = view
             return False
-        known = {id(t): device for t, device in zip(self.tensors, self.original_devices, strict=True)}
+        known = {id(t): device for t, device in zip(self.leaves, self.original_devices, strict=True)}
         # A new tensor (a LoRA layer added while offloaded) goes back, on removal, where the group's
         # other weights go.
         fallback = self.original_devices[0] if self.original_devices else None
-        devices = [known.get(id(t), fallback or t.device) for t in tensors]
+        devices = [known.get(id(t), fallback or t.device) for t in leaves]
         old = self.slab
-        self._pack(tensors, devices)
+        self._pack(tensors, leaves, devices)
         old.release()
         return True
 
@@ -174,18 +220,18 @@ class WeightGroup:
         self.placeholders = [placeholders(dtype) for dtype in self.dtypes]
 
     def point_to(self, views: Sequence[torch.Tensor]) -> None:
-        for tensor, view in zip(self.tensors, views):
-            tensor.data = view
+        for leaf, view in zip(self.leaves, views):
+            leaf.data = view
 
     def offload(self) -> None:
         """Re-point every tensor at its empty placeholder; never copies device-to-host."""
-        for tensor, placeholder in zip(self.tensors, self.placeholders):
-            tensor.data = placeholder
+        for leaf, placeholder in zip(self.leaves, self.placeholders):
+            leaf.data = placeholder
 
     def restore(self, device: torch.device | None = None) -> None:
         """Gives every tensor its own storage again (on `device`, else where it was); frees the slab."""
-        for tensor, view, original in zip(
-            self.tensors, self.views_into(self.slab.data), self.original_devices, strict=True
+        for leaf, view, original in zip(
+            self.leaves, self.views_into(self.slab.data), self.original_devices, strict=True
         ):
-            tensor.data = view.to(device or original, copy=True)
+            leaf.data = view.to(device or original, copy=True)
         self.slab.release()

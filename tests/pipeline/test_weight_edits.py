@@ -1,14 +1,13 @@
 """Weights changed while offloaded (LoRA, load_state_dict, fused projections) act on the host copy."""
 
+import peft
 import pytest
 import torch
 from offload_probes import only_placeholders
+from peft.utils import get_peft_model_state_dict
 
 import diffusers_offload as dof
 from diffusers_offload.tiny.sd3 import TINY_SD3_CALL, build_tiny_sd3_pipeline
-
-peft = pytest.importorskip("peft")
-from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 LORA_STEPS = ("load_lora_weights", "fuse_lora", "unfuse_lora", "unload_lora_weights")
 
