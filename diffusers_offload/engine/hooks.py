@@ -47,20 +47,79 @@ WEIGHT_EDITORS = (
 
 
 class StreamedBlockHook(ModelHook):
-    """Loads block `position` of `ring` before its forward and releases its slot afterwards."""
+    """Loads block `position` of `ring` before its forward and releases its slot afterwards.
+
+    A block compiled on its own (`block.compile()`, `compile_repeated_blocks()`) is loaded around its
+    compiled call instead (`load_around_compiled`): the ring's bookkeeping stays outside the graph, and
+    the weights it re-points are the graph's inputs.
+    """
 
     def __init__(self, ring: PrefetchRing, position: int) -> None:
         super().__init__()
         self.ring = ring
         self.position = position
+        self.loaded_outside = False  # set while the block's compiled call loads it
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            if not self.loaded_outside:
+                raise RuntimeError(
+                    "Layer-wise offload streams each block's weights from Python between the blocks, "
+                    "which cannot happen inside a compiled graph that spans several blocks. Compile the "
+                    "repeated blocks instead: transformer.compile_repeated_blocks() or block.compile() "
+                    "for each block (or use model offload, which compiles whole)."
+                )
+            return self.fn_ref.original_forward(*args, **kwargs)
         self.ring.acquire(self.position)
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
             # Also on an exception, so that the slot's reuse stays ordered after the work queued so far.
             self.ring.release(self.position)
+
+
+class LoadAroundCompiled:
+    """Stands in for a streamed block's `_compiled_call_impl`: loads the block, then runs the compiled
+    call (which reads the re-pointed weights as inputs), then releases the slot."""
+
+    def __init__(self, compiled: Callable[..., Any], hook: StreamedBlockHook) -> None:
+        self.compiled = compiled
+        self.hook = hook
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ring, position = self.hook.ring, self.hook.position
+        ring.acquire(position)
+        try:
+            return self.compiled(*args, **kwargs)
+        finally:
+            ring.release(position)
+
+
+def load_around_compiled(block: torch.nn.Module, hook: StreamedBlockHook) -> Callable[[], None]:
+    """Makes `block`'s compiled call, now or once `block.compile()` is called, load it outside the
+    graph; returns the undo (the compiled call stays, unwrapped)."""
+
+    def wrap() -> None:
+        compiled = block._compiled_call_impl
+        if compiled is not None and not isinstance(compiled, LoadAroundCompiled):
+            block._compiled_call_impl = LoadAroundCompiled(compiled, hook)
+            hook.loaded_outside = True
+
+    def compile_and_wrap(*args: Any, **kwargs: Any) -> None:
+        type(block).compile(block, *args, **kwargs)
+        wrap()
+
+    wrap()
+    undo_compile = wrap_attribute(block, "compile", compile_and_wrap)
+
+    def undo() -> None:
+        undo_compile()
+        compiled = block._compiled_call_impl
+        if isinstance(compiled, LoadAroundCompiled):
+            block._compiled_call_impl = compiled.compiled
+        hook.loaded_outside = False
+
+    return undo
 
 
 class SwapEntryHook(ModelHook):

@@ -22,6 +22,7 @@ from .hooks import (
     WEIGHT_EDITORS,
     StreamedBlockHook,
     SwapEntryHook,
+    load_around_compiled,
     register_hook,
     wrap_entry_method,
     wrap_weight_editor,
@@ -343,7 +344,10 @@ def build_ring(
     handle.rings.append(ring)
     handle.on_remove(lambda _target: ring.free())
     for position, block in enumerate(streamed):
-        attach_hook(handle, block, StreamedBlockHook(ring, position), STREAMED_BLOCK_HOOK, innermost=True)
+        hook = StreamedBlockHook(ring, position)
+        attach_hook(handle, block, hook, STREAMED_BLOCK_HOOK, innermost=True)
+        undo = load_around_compiled(block, hook)
+        handle.on_remove(lambda _target, undo=undo: undo())
     return ring
 
 
