@@ -295,6 +295,26 @@ class OffloadMixin:
             )
         return super().to(*args, **kwargs)  # type: ignore[misc]
 
+    def _refuse_other_offload(self, method: str) -> None:
+        if self._offload_handle is not None:
+            raise RuntimeError(
+                f"diffusers-offload ({self._offload_handle.kind}) is enabled on this pipeline; {method}() "
+                "would stack a second offloading scheme on its placeholders. Call pipe.disable_offload() "
+                "first, or keep diffusers-offload alone."
+            )
+
+    def enable_model_cpu_offload(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_other_offload("enable_model_cpu_offload")
+        return super().enable_model_cpu_offload(*args, **kwargs)  # type: ignore[misc]
+
+    def enable_sequential_cpu_offload(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_other_offload("enable_sequential_cpu_offload")
+        return super().enable_sequential_cpu_offload(*args, **kwargs)  # type: ignore[misc]
+
+    def enable_group_offload(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_other_offload("enable_group_offload")
+        return super().enable_group_offload(*args, **kwargs)  # type: ignore[misc]
+
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         if self._offload_handle is not None:
             raise RuntimeError(

@@ -75,8 +75,11 @@ class OffloadHandle:
         """Marks `module` as managed by this handle, and refuses moves/casts of it until removal."""
         setattr(module, MARKER, self)
         self.on_remove(lambda _device: delattr(module, MARKER))
-        undo = refuse_moves(module, name or type(module).__name__, lambda: self._edit_depth > 0)
-        self.on_remove(lambda _device: undo())
+        name = name or type(module).__name__
+        # Every submodule too: `block.to(torch.float64)` would be silently undone at the next load.
+        for path, sub in module.named_modules():
+            undo = refuse_moves(sub, f"{name}.{path}" if path else name, lambda: self._edit_depth > 0)
+            self.on_remove(lambda _device, undo=undo: undo())
 
     @property
     def host_bytes(self) -> int:

@@ -23,9 +23,13 @@ HOOK_PREFIX = "diffusers_offload."
 STREAMED_BLOCK_HOOK = HOOK_PREFIX + "streamed_block"
 SWAP_ENTRY_HOOK = HOOK_PREFIX + "swap_entry"
 
-# Methods of torch, diffusers (PeftAdapterMixin, ModelMixin) and transformers models that change weights
-# or add/remove layers. While offloaded they run on the host copy (`OffloadHandle.edit_weights`).
+# Methods of torch, diffusers (PeftAdapterMixin, ModelMixin) and transformers models that read or change
+# weights or add/remove layers. While offloaded they run on the host copy (`OffloadHandle.edit_weights`).
 WEIGHT_EDITORS = (
+    "state_dict",
+    "save_pretrained",
+    "num_parameters",
+    "get_memory_footprint",
     "load_state_dict",
     "load_lora_adapter",
     "fuse_lora",
@@ -44,6 +48,39 @@ WEIGHT_EDITORS = (
     "fuse_qkv_projections",
     "unfuse_qkv_projections",
 )
+
+# Component methods of diffusers that install another offloading or casting scheme on the weights.
+CONFLICTING_METHODS = ("enable_group_offload", "enable_layerwise_casting")
+
+
+class _NoBackward(torch.autograd.Function):
+    """Passes a tensor through; its backward explains that offloaded weights cannot be trained."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "Offloaded weights are inference only: by backward time their device copies are gone (the "
+            "weights point at other blocks' data or at placeholders). Run under torch.no_grad() or "
+            "torch.inference_mode(), or call disable_offload() before training."
+        )
+
+
+def inference_only(output: Any) -> Any:
+    """`output` with a backward that raises, when autograd records (it costs nothing under no_grad)."""
+    if not torch.is_grad_enabled():
+        return output
+    if isinstance(output, torch.Tensor):
+        return _NoBackward.apply(output) if output.requires_grad else output
+    if isinstance(output, tuple) and not hasattr(output, "_fields"):
+        return tuple(inference_only(item) for item in output)
+    if isinstance(output, dict):  # diffusers' BaseOutput, transformers' ModelOutput: items and attributes
+        for key, value in list(output.items()):
+            output[key] = inference_only(value)
+    return output
 
 
 class StreamedBlockHook(ModelHook):
@@ -72,7 +109,7 @@ class StreamedBlockHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         self.ring.acquire(self.position)
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return inference_only(self.fn_ref.original_forward(*args, **kwargs))
         finally:
             # Also on an exception, so that the slot's reuse stays ordered after the work queued so far.
             self.ring.release(self.position)
@@ -134,6 +171,9 @@ class SwapEntryHook(ModelHook):
         self.swap_set.enter(self.member)
         return args, kwargs
 
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        return inference_only(output)
+
 
 def register_hook(
     module: torch.nn.Module, hook: ModelHook, name: str, *, innermost: bool = False
@@ -193,6 +233,18 @@ def wrap_weight_editor(
             return bound(*args, **kwargs)
 
     return wrap_attribute(owner, method, edited)
+
+
+def refuse_call(owner: object, method: str, name: str) -> Callable[[], None]:
+    """Makes `owner.<method>` (another offloading scheme) raise while offloaded; returns the undo."""
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{name} is offloaded by diffusers-offload; {method}() would stack a second scheme on its "
+            "placeholders. Call pipe.disable_offload() (or handle.remove()) first."
+        )
+
+    return wrap_attribute(owner, method, refused)
 
 
 def refuse_moves(

@@ -17,12 +17,14 @@ from .blocks import check_prefetch, resident_indices, resolve_blocks
 from .devices import resolve_device, resolve_pin_memory
 from .handle import OffloadHandle, ensure_not_offloaded
 from .hooks import (
+    CONFLICTING_METHODS,
     STREAMED_BLOCK_HOOK,
     SWAP_ENTRY_HOOK,
     WEIGHT_EDITORS,
     StreamedBlockHook,
     SwapEntryHook,
     load_around_compiled,
+    refuse_call,
     register_hook,
     wrap_entry_method,
     wrap_weight_editor,
@@ -221,6 +223,10 @@ def _apply(
         for method in WEIGHT_EDITORS:
             if callable(getattr(module, method, None)):
                 undo = wrap_weight_editor(module, method, handle.edit_weights)
+                handle.on_remove(lambda _target, undo=undo: undo())
+        for method in CONFLICTING_METHODS:
+            if callable(getattr(module, method, None)):
+                undo = refuse_call(module, method, name)
                 handle.on_remove(lambda _target, undo=undo: undo())
     # A member alone in its swap set is never pushed out: its slots are allocated now, so that a device
     # too small fails here rather than in the middle of a step.
