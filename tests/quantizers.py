@@ -1,6 +1,7 @@
 """Test helpers: quantizing a model in place with torchao, optimum-quanto or a GGUF file written with
 the gguf package (all in the `compose` extra that the test extra includes)."""
 
+import bitsandbytes as bnb
 import gguf
 import optimum.quanto as quanto
 import torch
@@ -46,7 +47,29 @@ def quantize_gguf(model, tmp_path, quant_type):
         layer._parameters["bias"] = biases[key]
 
 
+def quantize_bnb_4bit(model):
+    """Every Linear of the blocks as a bitsandbytes NF4 Linear4bit (quantized on the CPU backend)."""
+    for block in model.transformer_blocks:
+        for module in list(block.modules()):
+            for child_name, child in list(module.named_children()):
+                if type(child) is not torch.nn.Linear:
+                    continue
+                layer = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.float32,
+                    quant_type="nf4",
+                )
+                layer.weight = bnb.nn.Params4bit(
+                    child.weight.detach().clone(), requires_grad=False, quant_type="nf4"
+                )
+                layer.bias = child.bias
+                setattr(module, child_name, layer.to("cpu"))
+
+
 QUANTIZERS = {
+    "bnb_nf4": lambda model, _tmp: quantize_bnb_4bit(model),
     "torchao_int8_weight_only": lambda model, _tmp: quantize_torchao(model),
     "quanto_qint8": lambda model, _tmp: quantize_quanto(model),
     "gguf_q8_0": lambda model, tmp: quantize_gguf(model, tmp, "Q8_0"),

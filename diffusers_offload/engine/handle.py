@@ -60,6 +60,7 @@ class OffloadHandle:
         self.plan: Any = None  # the planning.Plan that chose the placement, if any
         self.placeholders = PlaceholderCache(device)
         self.resident_tensors: list[torch.Tensor] = []  # on the device for good: no host copy
+        self.packed_leaves: set[int] = set()  # ids of the plain tensors packed into some slab
         # Set by placement: after an edit, takes in what changed; returns the names of re-packed groups.
         self.take_in_edits: Callable[[], list[str]] = list
         self.repacked: list[str] = []  # groups re-packed after weight edits, in order

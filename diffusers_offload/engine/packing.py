@@ -74,26 +74,62 @@ _PLAIN_ATTRIBUTE_TYPES = (int, float, str, bool, type(None), torch.dtype, torch.
 
 
 def storage_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors that hold `tensor`'s bytes: itself, or for a tensor subclass that flattens
-    (`__tensor_flatten__`: torchao, optimum-quanto) its inner tensors, recursively. Re-pointing a leaf
-    (`leaf.data = view`) re-points the subclass, which reads its inner tensors on every op."""
-    if not hasattr(type(tensor), "__tensor_flatten__"):
+    """The plain tensors that hold `tensor`'s bytes, each re-pointed on its own (`leaf.data = view`).
+
+    A plain tensor is its own leaf. A tensor subclass that flattens (`__tensor_flatten__`: torchao,
+    optimum-quanto) has its inner tensors, recursively: it reads them on every op. A Parameter subclass
+    that carries its quantization state in attributes (bitsandbytes' `Params4bit.quant_state`) has its
+    data plus the tensors of that state.
+    """
+    kind = type(tensor)
+    if kind in PLAIN_TYPES:
         return [tensor]
-    names, _context = tensor.__tensor_flatten__()
-    return [leaf for name in names for leaf in storage_leaves(getattr(tensor, name))]
+    if hasattr(kind, "__tensor_flatten__"):
+        names, _context = tensor.__tensor_flatten__()
+        return [leaf for name in names for leaf in storage_leaves(getattr(tensor, name))]
+    leaves = [tensor]
+    for attached in _attached_tensors(tensor):
+        if all(attached is not leaf for leaf in leaves):
+            leaves.append(attached)
+    return leaves
+
+
+def _attached_tensors(owner: object, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors held in `owner`'s attributes, and in plain state objects it holds (two levels down)."""
+    found: list[torch.Tensor] = []
+    for value in vars(owner).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif depth < 2 and _is_state_object(value):
+            found.extend(_attached_tensors(value, depth + 1))
+    return found
+
+
+def _is_state_object(value: object) -> bool:
+    # A back-reference to a module (Params4bit.module) is not state of the tensor.
+    return (
+        hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)) and not callable(value)
+    )
 
 
 def _unsupported(tensor: torch.Tensor) -> str | None:
     """Why `tensor` cannot be packed as bytes, or None."""
     kind = type(tensor)
     if kind.__module__.split(".")[0] == "bitsandbytes":
-        return (
-            f"bitsandbytes {kind.__name__} keeps its quantization state outside the tensor, which "
-            "offloading cannot stream"
-        )
-    if kind not in PLAIN_TYPES and not hasattr(kind, "__tensor_flatten__"):
+        if kind.__name__ != "Params4bit":
+            return (
+                f"bitsandbytes {kind.__name__} moves its quantization state into its module at the first "
+                "forward, out of reach of offloading (4-bit Params4bit streams)"
+            )
+        if not getattr(tensor, "bnb_quantized", False):
+            return "this bitsandbytes Params4bit is not quantized yet (move it to a device first)"
+    elif kind not in PLAIN_TYPES and not hasattr(kind, "__tensor_flatten__"):
         # A Parameter subclass that only tags its data (diffusers' GGUFParameter) streams like a plain one.
-        extra = [k for k, v in vars(tensor).items() if not isinstance(v, _PLAIN_ATTRIBUTE_TYPES)]
+        extra = [
+            k
+            for k, v in vars(tensor).items()
+            if not isinstance(v, (*_PLAIN_ATTRIBUTE_TYPES, torch.nn.Module))
+        ]
         if not isinstance(tensor, torch.nn.Parameter) or extra:
             return f"{kind.__name__} holds state the offload cannot re-point ({', '.join(extra) or 'type'})"
     for leaf in storage_leaves(tensor):
@@ -112,8 +148,8 @@ def check_packable(tensors: Sequence[torch.Tensor], where: str) -> None:
                 f"{where}: cannot offload a tensor of type {type(tensor).__name__} on {tensor.device} "
                 f"(dtype {tensor.dtype}): {reason}. Supported: dense tensors with real data (load the "
                 "weights, not on 'meta'), tensor subclasses that flatten into dense tensors (torchao, "
-                "optimum-quanto) and diffusers' GGUFParameter; for bitsandbytes weights, quantize with "
-                "torchao or optimum-quanto instead."
+                "optimum-quanto), diffusers' GGUFParameter and bitsandbytes' 4-bit Params4bit; for "
+                "8-bit weights, quantize with torchao or optimum-quanto instead."
             )
 
 

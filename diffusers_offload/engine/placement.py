@@ -29,7 +29,14 @@ from .hooks import (
     wrap_entry_method,
     wrap_weight_editor,
 )
-from .packing import PlaceholderCache, WeightGroup, check_packable, collect_tensors, partition_tensors
+from .packing import (
+    PlaceholderCache,
+    WeightGroup,
+    check_packable,
+    collect_tensors,
+    partition_tensors,
+    storage_leaves,
+)
 from .ring import PrefetchRing
 from .swap import SwapMember, SwapSet
 from .transfer import Copier, make_copier
@@ -324,6 +331,15 @@ def pack_group(
     handle: OffloadHandle, name: str, tensors: list[torch.Tensor], placeholders: PlaceholderCache
 ) -> WeightGroup:
     """Packs `tensors` into a host slab, leaves them offloaded, and registers the restore."""
+    leaves = {id(leaf) for tensor in tensors for leaf in storage_leaves(tensor)}
+    if leaves & handle.packed_leaves:
+        # Two groups re-pointing one tensor would pull it from under each other.
+        raise ValueError(
+            f"{name}: a tensor that holds weight bytes (e.g. quantization state) is shared with another "
+            "block or component; offloading needs each block to own its tensors. Quantize each layer "
+            "separately, or keep the sharing module resident (resident_blocks=...)."
+        )
+    handle.packed_leaves |= leaves
     group = WeightGroup(name, tensors, pin=handle.pin_memory, device_type=handle.device.type)
     handle.groups.append(group)
     handle.on_remove(lambda target: group.restore(target))

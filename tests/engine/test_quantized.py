@@ -59,7 +59,22 @@ def test_quantized_blocks_stream_as_bytes(quantizer, inputs, tmp_path):
     assert torch.equal(run(model, inputs), reference)
 
 
-def test_bitsandbytes_and_opaque_subclasses_are_refused_naming_what_works():
+def test_bitsandbytes_int8_is_refused_naming_what_works():
+    import bitsandbytes as bnb
+
+    model = build_tiny_sd3_transformer(seed=3, num_layers=2)
+    attn = model.transformer_blocks[0].attn
+    layer = bnb.nn.Linear8bitLt(attn.to_q.in_features, attn.to_q.out_features, has_fp16_weights=False)
+    layer.weight = bnb.nn.Int8Params(
+        attn.to_q.weight.detach().clone(), requires_grad=False, has_fp16_weights=False
+    )
+    attn.to_q = layer.to("cpu")
+    with pytest.raises(ValueError, match="Int8Params.*4-bit Params4bit streams.*torchao or optimum-quanto"):
+        dof.apply_layerwise_offload(model, device="cpu")
+    assert not any(is_placeholder(p) for p in model.parameters())
+
+
+def test_opaque_subclasses_are_refused_naming_what_works():
     class Opaque(torch.nn.Parameter):
         """A Parameter subclass carrying a tensor outside its data (like bitsandbytes' quant state)."""
 
