@@ -86,3 +86,13 @@ def test_opaque_subclasses_are_refused_naming_what_works():
     with pytest.raises(ValueError, match="torchao.*optimum-quanto.*GGUFParameter"):
         dof.apply_layerwise_offload(model, device="cpu")
     assert not any(is_placeholder(p) for p in model.parameters())
+
+
+def test_quantization_state_shared_by_two_blocks_is_refused():
+    model = build_tiny_sd3_transformer(seed=3, num_layers=3)
+    QUANTIZERS["bnb_nf4"](model, None)
+    first, second = (block.attn.to_q.weight for block in model.transformer_blocks[:2])
+    second.quant_state = first.quant_state  # one absmax tensor re-pointed by two blocks' groups
+    with pytest.raises(ValueError, match="shared with another block"):
+        dof.apply_layerwise_offload(model, device="cpu")
+    assert not any(is_placeholder(leaf) for p in model.parameters() for leaf in storage_leaves(p))

@@ -3,7 +3,12 @@
 import pytest
 import torch
 from diffusers import QwenImagePipeline
-from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from diffusers.hooks import (
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+)
 
 import diffusers_offload as dof
 from diffusers_offload.tiny.qwen_image import (
@@ -16,17 +21,30 @@ STEPS = 4
 NUM_BLOCKS = 6
 CALL = {**TINY_QWEN_IMAGE_CALL, "num_inference_steps": STEPS}
 
-# Settings that make each cache skip blocks on a random tiny model (thresholds far above the default).
+# Settings that make each cache skip work on a random tiny model (thresholds far above the default). Each
+# factory takes the pipeline (PAB reads its current timestep).
 CACHES = {
-    "first_block": lambda: FirstBlockCacheConfig(threshold=0.9),
-    "mag": lambda: MagCacheConfig(
+    "first_block": lambda pipe: FirstBlockCacheConfig(threshold=0.9),
+    "mag": lambda pipe: MagCacheConfig(
         threshold=1.0, num_inference_steps=STEPS, mag_ratios=[1.0] * STEPS, retention_ratio=0.2
     ),
-    "taylorseer": lambda: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1),
-    "taylorseer_lite": lambda: TaylorSeerCacheConfig(
+    "taylorseer": lambda pipe: TaylorSeerCacheConfig(
+        cache_interval=2, disable_cache_before_step=1, max_order=1
+    ),
+    "taylorseer_lite": lambda pipe: TaylorSeerCacheConfig(
         cache_interval=2, disable_cache_before_step=1, use_lite_mode=True
     ),
+    "pyramid_attention_broadcast": lambda pipe: PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2,
+        spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: pipe.current_timestep,
+    ),
 }
+# Caches that skip whole blocks (the others skip attention layers inside computed blocks).
+BLOCK_SKIPPING = ("first_block", "mag", "taylorseer_lite")
+# PAB broadcasts attention between calls of one shape: true CFG's two prompts have two token lengths
+# (it fails without offload too), so it runs without CFG.
+CALL_OVERRIDES = {"pyramid_attention_broadcast": dict(true_cfg_scale=1.0, negative_prompt=None)}
 
 
 def build_pipe():
@@ -46,20 +64,23 @@ def count_computed_blocks(pipe):
     return computed
 
 
-def generate(pipe):
+def generate(pipe, cache=None):
     # One thread, as in every test (module-scoped fixtures run before the per-test setting): the
     # comparisons are bitwise.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return pipe("a cat", **CALL, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        call = {**CALL, **CALL_OVERRIDES.get(cache, {})}
+        return pipe("a cat", **call, generator=torch.Generator().manual_seed(0), output_type="pt").images
     finally:
         torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def base_image():
-    return generate(build_pipe())
+def base_images():
+    """Images without cache and offload, per call settings."""
+    pipe = build_pipe()
+    return {name: generate(pipe, name) for name in CACHES}
 
 
 @pytest.fixture(scope="module", params=sorted(CACHES))
@@ -67,9 +88,9 @@ def cached(request):
     """(cache name, image and number of computed blocks with that cache, without offload)."""
     pipe = build_pipe()
     computed = count_computed_blocks(pipe)
-    pipe.transformer.enable_cache(CACHES[request.param]())
-    image = generate(pipe)
-    if request.param != "taylorseer":  # the others skip whole blocks (TaylorSeer: attention layers)
+    pipe.transformer.enable_cache(CACHES[request.param](pipe))
+    image = generate(pipe, request.param)
+    if request.param in BLOCK_SKIPPING:
         assert len(computed) < STEPS * 2 * NUM_BLOCKS
     return request.param, image, len(computed)
 
@@ -78,17 +99,18 @@ def cached(request):
 @pytest.mark.parametrize(
     "remove_offload_first", [False, True], ids=["disable_cache_first", "disable_offload_first"]
 )
-def test_cache_and_offload_in_any_order(cached, base_image, offload_first, remove_offload_first):
+def test_cache_and_offload_in_any_order(cached, base_images, offload_first, remove_offload_first):
     name, cached_image, computed_without_offload = cached
+    base_image = base_images[name]
     pipe = build_pipe()
     computed = count_computed_blocks(pipe)
     if offload_first:
         handle = pipe.enable_layerwise_offload("cpu")
-        pipe.transformer.enable_cache(CACHES[name]())
+        pipe.transformer.enable_cache(CACHES[name](pipe))
     else:
-        pipe.transformer.enable_cache(CACHES[name]())
+        pipe.transformer.enable_cache(CACHES[name](pipe))
         handle = pipe.enable_layerwise_offload("cpu")
-    assert torch.equal(generate(pipe), cached_image)
+    assert torch.equal(generate(pipe, name), cached_image)
     # Blocks the cache skips are not streamed, in either order: no more loads than blocks computed, but
     # for the one block the ring copies ahead (prefetch=1) of the last block computed.
     assert len(computed) == computed_without_offload
@@ -96,19 +118,19 @@ def test_cache_and_offload_in_any_order(cached, base_image, offload_first, remov
 
     if remove_offload_first:
         pipe.disable_offload()
-        assert torch.equal(generate(pipe), cached_image)  # the cache is still on
+        assert torch.equal(generate(pipe, name), cached_image)  # the cache is still on
         pipe.transformer.disable_cache()
     else:
         pipe.transformer.disable_cache()
-        assert torch.equal(generate(pipe), base_image)  # offload still on, cache off
+        assert torch.equal(generate(pipe, name), base_image)  # offload still on, cache off
         pipe.disable_offload()
-    assert torch.equal(generate(pipe), base_image)
+    assert torch.equal(generate(pipe, name), base_image)
     for module in (pipe.transformer, *pipe.transformer.transformer_blocks):
         registry = getattr(module, "_diffusers_hook", None)
         assert registry is None or not registry.hooks
     # And again, the other way round.
-    pipe.transformer.enable_cache(CACHES[name]())
+    pipe.transformer.enable_cache(CACHES[name](pipe))
     pipe.enable_layerwise_offload("cpu")
-    assert torch.equal(generate(pipe), cached_image)
+    assert torch.equal(generate(pipe, name), cached_image)
     pipe.transformer.disable_cache()
-    assert torch.equal(generate(pipe), base_image)
+    assert torch.equal(generate(pipe, name), base_image)
