@@ -130,3 +130,27 @@ def test_fuse_qkv_projections_while_offloaded():
     pipe.transformer.unfuse_qkv_projections()
     pipe.disable_offload()
     assert torch.equal(generate(pipe), generate(build_tiny_sd3_pipeline()))
+
+
+def test_two_adapters_set_and_deleted_while_offloaded(lora_dir):
+    def steps(pipe, offload):
+        images = []
+        pipe.load_lora_weights(lora_dir, adapter_name="a")
+        if offload:
+            pipe.enable_layerwise_offload("cpu")
+        pipe.load_lora_weights(lora_dir, adapter_name="b")
+        pipe.set_adapters(["a", "b"], adapter_weights=[0.5, 1.5])
+        images.append(generate(pipe))
+        pipe.delete_adapters("a")
+        images.append(generate(pipe))
+        pipe.disable_lora()
+        images.append(generate(pipe))
+        return images
+
+    expected = steps(build_tiny_sd3_pipeline(), offload=False)
+    pipe = dof.attach(build_tiny_sd3_pipeline())
+    got = steps(pipe, offload=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert len({tuple(image.flatten()[:8].tolist()) for image in expected}) == 3  # each step changed it
+    assert only_placeholders(pipe.transformer)
+    assert not any("lora_A.a" in name for name, _ in pipe.transformer.named_parameters())
