@@ -1,6 +1,7 @@
-"""diffusers `ModelHook`s that drive the ring and the swap set, and wrappers for entry methods.
+"""The hooks that drive the ring (a diffusers `ModelHook` per block) and the swap set (torch forward
+pre-hooks), and wrappers for entry methods and for methods that read or edit weights.
 
-Hooks are attached through `diffusers.hooks.HookRegistry`, so they stack with diffusers' own hooks
+Block hooks are attached through `diffusers.hooks.HookRegistry`, so they stack with diffusers' own hooks
 (caches, layer skipping). The block hook is placed innermost whatever the order of enabling: a cache
 that skips a block skips its load too (the ring tolerates the gap). Removal in any order is safe.
 """
@@ -21,7 +22,6 @@ from .swap import SwapMember, SwapSet
 
 HOOK_PREFIX = "diffusers_offload."
 STREAMED_BLOCK_HOOK = HOOK_PREFIX + "streamed_block"
-SWAP_ENTRY_HOOK = HOOK_PREFIX + "swap_entry"
 
 # Methods of torch, diffusers (PeftAdapterMixin, ModelMixin) and transformers models that read or change
 # weights or add/remove layers. While offloaded they run on the host copy (`OffloadHandle.edit_weights`).
@@ -159,20 +159,21 @@ def load_around_compiled(block: torch.nn.Module, hook: StreamedBlockHook) -> Cal
     return undo
 
 
-class SwapEntryHook(ModelHook):
-    """Before the component's forward, makes it the active member of its swap set."""
+def enter_on_forward(module: torch.nn.Module, swap_set: SwapSet, member: SwapMember) -> Callable[[], None]:
+    """Before each forward of `module`, makes `member` the active one of `swap_set`; its outputs get a
+    backward that says "inference only". Returns the undo.
 
-    def __init__(self, swap_set: SwapSet, member: SwapMember) -> None:
-        super().__init__()
-        self.swap_set = swap_set
-        self.member = member
+    These are torch forward (pre-)hooks, not a diffusers hook: they run whatever `module.forward` is, so
+    tools that replace a model's `forward` (cache-dit, accelerate) neither bypass nor capture them.
+    """
+    entered = module.register_forward_pre_hook(lambda _module, _args: swap_set.enter(member))
+    guarded = module.register_forward_hook(lambda _module, _args, output: inference_only(output))
 
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
-        self.swap_set.enter(self.member)
-        return args, kwargs
+    def undo() -> None:
+        entered.remove()
+        guarded.remove()
 
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        return inference_only(output)
+    return undo
 
 
 def register_hook(

@@ -19,10 +19,9 @@ from .handle import OffloadHandle, ensure_not_offloaded
 from .hooks import (
     CONFLICTING_METHODS,
     STREAMED_BLOCK_HOOK,
-    SWAP_ENTRY_HOOK,
     WEIGHT_EDITORS,
     StreamedBlockHook,
-    SwapEntryHook,
+    enter_on_forward,
     load_around_compiled,
     refuse_call,
     register_hook,
@@ -388,7 +387,8 @@ def attach_entry(
     methods: Sequence[str],
 ) -> None:
     """Hooks `forward` and each of `methods` so that calling them makes `member` the active one."""
-    attach_hook(handle, module, SwapEntryHook(swap_set, member), SWAP_ENTRY_HOOK)
+    undo_entry = enter_on_forward(module, swap_set, member)
+    handle.on_remove(lambda _target: undo_entry())
     for method in methods:
         undo = wrap_entry_method(module, method, lambda: swap_set.enter(member))
         handle.on_remove(lambda _target, undo=undo: undo())

@@ -1,5 +1,6 @@
-"""Layer-wise offload stacks with diffusers' cache hooks, enabled and removed in any order."""
+"""Layer-wise offload stacks with diffusers' cache hooks and cache-dit, enabled and removed in any order."""
 
+import cache_dit
 import pytest
 import torch
 from diffusers import QwenImagePipeline
@@ -134,3 +135,55 @@ def test_cache_and_offload_in_any_order(cached, base_images, offload_first, remo
     assert torch.equal(generate(pipe, name), cached_image)
     pipe.transformer.disable_cache()
     assert torch.equal(generate(pipe, name), base_image)
+
+
+def enable_cache_dit(pipe):
+    # DBCache computing the first 2 blocks of each call and caching the rest once warm.
+    config = cache_dit.DBCacheConfig(
+        Fn_compute_blocks=2, Bn_compute_blocks=0, max_warmup_steps=1, residual_diff_threshold=0.9
+    )
+    cache_dit.enable_cache(pipe, cache_config=config)
+
+
+@pytest.fixture(scope="module")
+def cache_dit_reference():
+    pipe = build_pipe()
+    computed = count_computed_blocks(pipe)
+    enable_cache_dit(pipe)
+    image = generate(pipe)
+    assert len(computed) < STEPS * 2 * NUM_BLOCKS
+    return image, len(computed)
+
+
+@pytest.mark.parametrize("offload_first", [False, True], ids=["cache_then_offload", "offload_then_cache"])
+@pytest.mark.parametrize(
+    "remove_offload_first", [False, True], ids=["disable_cache_first", "disable_offload_first"]
+)
+def test_cache_dit_and_offload_in_any_order(
+    cache_dit_reference, base_images, offload_first, remove_offload_first
+):
+    # cache-dit replaces the transformer's forward itself: our entry hook is a torch forward pre-hook,
+    # which it neither bypasses nor captures.
+    cached_image, computed_without_offload = cache_dit_reference
+    base_image = base_images["first_block"]  # the default call
+    pipe = build_pipe()
+    computed = count_computed_blocks(pipe)
+    if offload_first:
+        handle = pipe.enable_layerwise_offload("cpu")
+        enable_cache_dit(pipe)
+    else:
+        enable_cache_dit(pipe)
+        handle = pipe.enable_layerwise_offload("cpu")
+    assert torch.equal(generate(pipe), cached_image)
+    assert len(computed) == computed_without_offload
+    assert handle.components["transformer"].ring.loads <= len(computed) + 1
+    if remove_offload_first:
+        pipe.disable_offload()
+        assert torch.equal(generate(pipe), cached_image)
+        cache_dit.disable_cache(pipe)
+    else:
+        cache_dit.disable_cache(pipe)
+        assert torch.equal(generate(pipe), base_image)
+        pipe.disable_offload()
+    assert torch.equal(generate(pipe), base_image)
+    assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
