@@ -60,7 +60,7 @@ def lora_reference(lora_dir):
 
 
 @pytest.mark.parametrize("enable_after", [0, 1, 2, 3])
-@pytest.mark.parametrize("strategy", ["layerwise", "model"])
+@pytest.mark.parametrize("strategy", ["layerwise", "model", "layerwise_streamed_encoders"])
 def test_lora_steps_while_offloaded_equal_the_same_steps_without(
     lora_dir, lora_reference, enable_after, strategy
 ):
@@ -69,7 +69,10 @@ def test_lora_steps_while_offloaded_equal_the_same_steps_without(
     pipe = dof.attach(build_tiny_sd3_pipeline())
     for index, step in enumerate(LORA_STEPS):
         if index == enable_after:
-            getattr(pipe, f"enable_{strategy}_offload")("cpu")
+            if strategy == "layerwise_streamed_encoders":  # the text encoder's LoRA streams per layer
+                pipe.enable_layerwise_offload("cpu", encoders="stream")
+            else:
+                getattr(pipe, f"enable_{strategy}_offload")("cpu")
         run_step(pipe, step, lora_dir)
         assert torch.equal(generate(pipe), images[index]), step
     pipe.disable_offload()
