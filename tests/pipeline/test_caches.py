@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline
 from diffusers.hooks import (
+    FasterCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
     PyramidAttentionBroadcastConfig,
@@ -40,12 +41,21 @@ CACHES = {
         spatial_attention_timestep_skip_range=(-1, 1001),
         current_timestep_callback=lambda: pipe.current_timestep,
     ),
+    "faster": lambda pipe: FasterCacheConfig(
+        spatial_attention_block_skip_range=2,
+        spatial_attention_timestep_skip_range=(-1, 800),  # the first step (t=1000) fills the cache
+        current_timestep_callback=lambda: pipe.current_timestep,
+        attention_weight_callback=lambda _module: 0.5,
+        is_guidance_distilled=True,
+    ),
 }
 # Caches that skip whole blocks (the others skip attention layers inside computed blocks).
 BLOCK_SKIPPING = ("first_block", "mag", "taylorseer_lite")
 # PAB broadcasts attention between calls of one shape: true CFG's two prompts have two token lengths
 # (it fails without offload too), so it runs without CFG.
-CALL_OVERRIDES = {"pyramid_attention_broadcast": dict(true_cfg_scale=1.0, negative_prompt=None)}
+# FasterCache (guidance-distilled mode) likewise.
+NO_CFG = dict(true_cfg_scale=1.0, negative_prompt=None)
+CALL_OVERRIDES = {"pyramid_attention_broadcast": NO_CFG, "faster": NO_CFG}
 
 
 def build_pipe():
@@ -103,6 +113,7 @@ def cached(request):
 def test_cache_and_offload_in_any_order(cached, base_images, offload_first, remove_offload_first):
     name, cached_image, computed_without_offload = cached
     base_image = base_images[name]
+    assert not torch.equal(cached_image, base_image)  # the cache is active on this model and call
     pipe = build_pipe()
     computed = count_computed_blocks(pipe)
     if offload_first:
