@@ -60,7 +60,7 @@ def lora_reference(lora_dir):
 
 
 @pytest.mark.parametrize("enable_after", [0, 1, 2, 3])
-@pytest.mark.parametrize("strategy", ["layerwise", "model", "layerwise_streamed_encoders"])
+@pytest.mark.parametrize("strategy", ["layerwise", "model", "layerwise_streamed_encoders", "all_resident"])
 def test_lora_steps_while_offloaded_equal_the_same_steps_without(
     lora_dir, lora_reference, enable_after, strategy
 ):
@@ -71,6 +71,9 @@ def test_lora_steps_while_offloaded_equal_the_same_steps_without(
         if index == enable_after:
             if strategy == "layerwise_streamed_encoders":  # the text encoder's LoRA streams per layer
                 pipe.enable_layerwise_offload("cpu", encoders="stream")
+            elif strategy == "all_resident":  # the planner keeps everything on the device
+                plan = pipe.enable_offload("1GiB", "cpu", reserve=0).plan
+                assert {c.strategy for c in plan.components} == {"resident"}
             else:
                 getattr(pipe, f"enable_{strategy}_offload")("cpu")
         run_step(pipe, step, lora_dir)
