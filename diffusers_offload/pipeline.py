@@ -11,6 +11,7 @@ from model_registry import ModelAdapter, get_adapter, pipeline_modules
 
 from .engine import OffloadHandle, Placement, apply_placements
 from .engine.devices import is_accelerator, resolve_device
+from .engine.hooks import wrap_weight_editor
 from .engine.transfer import Copier
 from .planning import DEFAULT_RESERVE, Plan, measure_components, parse_bytes, plan_offload
 from .report import OffloadReport, build_report
@@ -19,6 +20,23 @@ from .report import OffloadReport, build_report
 FREE_MEMORY_MARGIN = 0.9
 
 ENCODER_POLICIES = ("swap", "stream")
+
+# Pipeline methods (diffusers' LoRA loader mixins, fused projections) that change component weights.
+# Some reach the weights without a component method (text-encoder LoRA fuse/unload), so the whole call
+# runs as one edit of the host copy.
+PIPELINE_WEIGHT_EDITORS = (
+    "load_lora_weights",
+    "fuse_lora",
+    "unfuse_lora",
+    "set_adapters",
+    "delete_adapters",
+    "unload_lora_weights",
+    "enable_lora",
+    "disable_lora",
+    "set_lora_device",
+    "fuse_qkv_projections",
+    "unfuse_qkv_projections",
+)
 
 
 def _adapter_for(pipe: Any, adapter: ModelAdapter | None) -> ModelAdapter:
@@ -143,6 +161,10 @@ class OffloadMixin:
             modules, placements, device, pin_memory, kind=kind, copier=copier, timing=timing
         )
         handle.plan = plan
+        for method in PIPELINE_WEIGHT_EDITORS:
+            if callable(getattr(self, method, None)):
+                undo = wrap_weight_editor(self, method, handle.edit_weights)
+                handle.on_remove(lambda _target, undo=undo: undo())
         self._offload_handle = handle
         return handle
 
@@ -284,6 +306,26 @@ class OffloadMixin:
                 "Call pipe.disable_offload() first, or pass device= to enable_*_offload()."
             )
         return super().to(*args, **kwargs)  # type: ignore[misc]
+
+    def _refuse_other_offload(self, method: str) -> None:
+        if self._offload_handle is not None:
+            raise RuntimeError(
+                f"diffusers-offload ({self._offload_handle.kind}) is enabled on this pipeline; {method}() "
+                "would stack a second offloading scheme on its placeholders. Call pipe.disable_offload() "
+                "first, or keep diffusers-offload alone."
+            )
+
+    def enable_model_cpu_offload(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_other_offload("enable_model_cpu_offload")
+        return super().enable_model_cpu_offload(*args, **kwargs)  # type: ignore[misc]
+
+    def enable_sequential_cpu_offload(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_other_offload("enable_sequential_cpu_offload")
+        return super().enable_sequential_cpu_offload(*args, **kwargs)  # type: ignore[misc]
+
+    def enable_group_offload(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_other_offload("enable_group_offload")
+        return super().enable_group_offload(*args, **kwargs)  # type: ignore[misc]
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         if self._offload_handle is not None:

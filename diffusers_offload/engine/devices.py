@@ -20,6 +20,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             return torch.device("cpu")
         device = accelerator
     device = torch.device(device)
+    if device.type == "meta":
+        raise ValueError(
+            "device='meta' holds no data and cannot run a model: pass the execution device, e.g. "
+            "'cuda' or 'cpu' (weights on 'meta' must be loaded before offloading)."
+        )
     if device.type != "cpu" and device.index is None:
         device = torch.device(device.type, torch.accelerator.current_device_index())
     return device

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
 from .devices import is_accelerator
 from .hooks import refuse_moves
-from .packing import WeightGroup
+from .packing import PlaceholderCache, WeightGroup
 from .ring import PrefetchRing
 from .swap import SwapSet
 
 MARKER = "_diffusers_offload_handle"
+
+logger = logging.getLogger(__name__)
 
 Undo = Callable[[torch.device | None], None]
 
@@ -55,6 +59,13 @@ class OffloadHandle:
         self.components: dict[str, Any] = {}  # name -> placement.ComponentRecord
         self.plan: Any = None  # the planning.Plan that chose the placement, if any
         self.timing = False  # whether its rings stamp a timeline of each block's copy and compute
+        self.placeholders = PlaceholderCache(device)
+        self.resident_tensors: list[torch.Tensor] = []  # on the device for good: no host copy
+        self.packed_leaves: set[int] = set()  # ids of the plain tensors packed into some slab
+        # Set by placement: after an edit, takes in what changed; returns the names of re-packed groups.
+        self.take_in_edits: Callable[[], list[str]] = list
+        self.repacked: list[str] = []  # groups re-packed after weight edits, in order
+        self._edit_depth = 0
         self._undo: list[Undo] = []
         self.removed = False
 
@@ -66,8 +77,11 @@ class OffloadHandle:
         """Marks `module` as managed by this handle, and refuses moves/casts of it until removal."""
         setattr(module, MARKER, self)
         self.on_remove(lambda _device: delattr(module, MARKER))
-        undo = refuse_moves(module, name or type(module).__name__)
-        self.on_remove(lambda _device: undo())
+        name = name or type(module).__name__
+        # Every submodule too: `block.to(torch.float64)` would be silently undone at the next load.
+        for path, sub in module.named_modules():
+            undo = refuse_moves(sub, f"{name}.{path}" if path else name, lambda: self._edit_depth > 0)
+            self.on_remove(lambda _device, undo=undo: undo())
 
     @property
     def host_bytes(self) -> int:
@@ -78,6 +92,41 @@ class OffloadHandle:
     def offloaded_bytes(self) -> int:
         """Bytes of weights the handle offloaded (without alignment padding)."""
         return sum(group.data_bytes for group in self.groups)
+
+    @contextlib.contextmanager
+    def edit_weights(self) -> Iterator[None]:
+        """Inside this, the offloaded weights are their host copies: change them freely (fuse a LoRA,
+        load a state dict, add layers); on exit the changes are taken in and the next load streams them.
+
+        Re-entrant; LoRA, adapter and `load_state_dict` methods of the components use it themselves.
+        Groups whose tensors were added, dropped or reshaped are re-packed (see `repacked`).
+        """
+        if self.removed:
+            raise RuntimeError("This offload handle was removed; edit the weights directly.")
+        self._edit_depth += 1
+        try:
+            if self._edit_depth == 1:
+                for swap_set in self.swap_sets:
+                    swap_set.evict_all()
+                for group in self.groups:
+                    group.point_to_host()
+            yield
+        finally:
+            self._edit_depth -= 1
+            if self._edit_depth == 0:
+                self._end_edit()
+
+    def _end_edit(self) -> None:
+        try:
+            repacked = self.take_in_edits()
+        finally:
+            # Whatever happened, nothing may stay pointed at the host copy outside an edit.
+            for group in self.groups:
+                group.make_placeholders(self.placeholders)
+                group.offload()
+        if repacked:
+            self.repacked.extend(repacked)
+            logger.info("diffusers-offload re-packed after a weight edit: %s", ", ".join(repacked))
 
     def remove(self, device: str | torch.device | None = None) -> None:
         """Removes every hook and gives each tensor ordinary storage again, bitwise as before.

@@ -69,13 +69,87 @@ def partition_tensors(
     return rest, [[t for t in tensors if id(t) not in rest_ids] for tensors in per_block]
 
 
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
+_PLAIN_ATTRIBUTE_TYPES = (int, float, str, bool, type(None), torch.dtype, torch.Size, tuple)
+
+
+def storage_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold `tensor`'s bytes, each re-pointed on its own (`leaf.data = view`).
+
+    A plain tensor is its own leaf. A tensor subclass that flattens (`__tensor_flatten__`: torchao,
+    optimum-quanto) has its inner tensors, recursively: it reads them on every op. A Parameter subclass
+    that carries its quantization state in attributes (bitsandbytes' `Params4bit.quant_state`) has its
+    data plus the tensors of that state.
+    """
+    kind = type(tensor)
+    if kind in PLAIN_TYPES:
+        return [tensor]
+    if hasattr(kind, "__tensor_flatten__"):
+        names, _context = tensor.__tensor_flatten__()
+        return [leaf for name in names for leaf in storage_leaves(getattr(tensor, name))]
+    leaves = [tensor]
+    for attached in _attached_tensors(tensor):
+        if all(attached is not leaf for leaf in leaves):
+            leaves.append(attached)
+    return leaves
+
+
+def _attached_tensors(owner: object, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors held in `owner`'s attributes, and in plain state objects it holds (two levels down)."""
+    found: list[torch.Tensor] = []
+    for value in vars(owner).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif depth < 2 and _is_state_object(value):
+            found.extend(_attached_tensors(value, depth + 1))
+    return found
+
+
+def _is_state_object(value: object) -> bool:
+    # A back-reference to a module (Params4bit.module) is not state of the tensor.
+    return (
+        hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)) and not callable(value)
+    )
+
+
+def _unsupported(tensor: torch.Tensor) -> str | None:
+    """Why `tensor` cannot be packed as bytes, or None."""
+    kind = type(tensor)
+    if kind.__module__.split(".")[0] == "bitsandbytes":
+        if kind.__name__ != "Params4bit":
+            return (
+                f"bitsandbytes {kind.__name__} moves its quantization state into its module at the first "
+                "forward, out of reach of offloading (4-bit Params4bit streams)"
+            )
+        if not getattr(tensor, "bnb_quantized", False):
+            return "this bitsandbytes Params4bit is not quantized yet (move it to a device first)"
+    elif kind not in PLAIN_TYPES and not hasattr(kind, "__tensor_flatten__"):
+        # A Parameter subclass that only tags its data (diffusers' GGUFParameter) streams like a plain one.
+        extra = [
+            k
+            for k, v in vars(tensor).items()
+            if not isinstance(v, (*_PLAIN_ATTRIBUTE_TYPES, torch.nn.Module))
+        ]
+        if not isinstance(tensor, torch.nn.Parameter) or extra:
+            return f"{kind.__name__} holds state the offload cannot re-point ({', '.join(extra) or 'type'})"
+    for leaf in storage_leaves(tensor):
+        if type(leaf) not in PLAIN_TYPES and leaf is not tensor:
+            return f"{kind.__name__} has an inner tensor of type {type(leaf).__name__}"
+        if leaf.is_sparse or leaf.device.type == "meta":
+            return f"its data is {'sparse' if leaf.is_sparse else 'on meta'}"
+    return None
+
+
 def check_packable(tensors: Sequence[torch.Tensor], where: str) -> None:
     for tensor in tensors:
-        plain = type(tensor) in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
-        if not plain or tensor.is_sparse or tensor.device.type == "meta":
+        reason = _unsupported(tensor)
+        if reason is not None:
             raise ValueError(
                 f"{where}: cannot offload a tensor of type {type(tensor).__name__} on {tensor.device} "
-                f"(dtype {tensor.dtype}). Load real weights (not on 'meta') as ordinary dense tensors."
+                f"(dtype {tensor.dtype}): {reason}. Supported: dense tensors with real data (load the "
+                "weights, not on 'meta'), tensor subclasses that flatten into dense tensors (torchao, "
+                "optimum-quanto), diffusers' GGUFParameter and bitsandbytes' 4-bit Params4bit; for "
+                "8-bit weights, quantize with torchao or optimum-quanto instead."
             )
 
 
@@ -102,28 +176,72 @@ class WeightGroup:
 
     def __init__(self, name: str, tensors: list[torch.Tensor], *, pin: bool, device_type: str) -> None:
         self.name = name
+        self.pin = pin
+        self.device_type = device_type
+        self.placeholders: list[torch.Tensor] = []
+        leaves = [leaf for tensor in tensors for leaf in storage_leaves(tensor)]
+        self._pack(tensors, leaves, [leaf.device for leaf in leaves])
+
+    def _pack(
+        self, tensors: list[torch.Tensor], leaves: list[torch.Tensor], original_devices: list[torch.device]
+    ) -> None:
+        # `tensors`: the parameters and buffers as modules hold them; `leaves`: the plain tensors that
+        # hold their bytes (the same tensors, unless some are quantized subclasses). Only leaves move.
         self.tensors = tensors
-        self.dtypes = [t.dtype for t in tensors]
-        self.shapes = [t.shape for t in tensors]
-        self.sizes = [t.numel() * t.element_size() for t in tensors]
-        self.original_devices = [t.device for t in tensors]
+        self.leaves = leaves
+        self.dtypes = [t.dtype for t in leaves]
+        self.shapes = [t.shape for t in leaves]
+        self.sizes = [t.numel() * t.element_size() for t in leaves]
+        self.original_devices = original_devices
         self.offsets: list[int] = []
         offset = 0
         for size in self.sizes:
             self.offsets.append(offset)
             offset += _aligned(size)
         # The last tensor needs no trailing padding: the slab is exactly what the data spans.
-        self.nbytes = self.offsets[-1] + self.sizes[-1] if tensors else 0
+        self.nbytes = self.offsets[-1] + self.sizes[-1] if leaves else 0
         self.data_bytes = sum(self.sizes)
         # Groups with equal layouts (identical blocks) can share views into the same buffer.
         self.layout = (tuple(self.offsets), tuple(self.dtypes), tuple(self.shapes))
-        self.slab = HostSlab(self.nbytes, pin=pin, device_type=device_type)
-        self.placeholders: list[torch.Tensor] = []
+        self.slab = HostSlab(self.nbytes, pin=self.pin, device_type=self.device_type)
         # Each tensor is copied in, then re-pointed at its host view at once, so the original storage
         # can be freed as we go: host memory never holds two copies of the group.
-        for tensor, view in zip(self.tensors, self.views_into(self.slab.data), strict=True):
-            view.copy_(tensor.detach())
-            tensor.data = view
+        for leaf, view in zip(self.leaves, self.views_into(self.slab.data), strict=True):
+            view.copy_(leaf.detach())
+            leaf.data = view
+
+    def point_to_host(self) -> None:
+        """Re-points every tensor at its view of the host slab (the copy that edits must change)."""
+        self.point_to(self.views_into(self.slab.data))
+
+    def refresh(self, tensors: list[torch.Tensor]) -> bool:
+        """Takes in what an edit did while the tensors pointed at the host slab; returns True if repacked.
+
+        `tensors` is what the group's modules hold now. A tensor whose storage was replaced (e.g.
+        `weight.data = merged`) is copied back into its view; a tensor added or dropped, or a new shape
+        or dtype, re-packs this group (only) into a new slab.
+        """
+        leaves = [leaf for tensor in tensors for leaf in storage_leaves(tensor)]
+        same = [id(t) for t in leaves] == [id(t) for t in self.leaves] and all(
+            t.dtype == dtype and t.shape == shape
+            for t, dtype, shape in zip(leaves, self.dtypes, self.shapes, strict=True)
+        )
+        if same:
+            self.tensors = tensors
+            for leaf, view in zip(leaves, self.views_into(self.slab.data), strict=True):
+                if leaf.numel() and leaf.data_ptr() != view.data_ptr():
+                    view.copy_(leaf.detach())
+                    leaf.data = view
+            return False
+        known = {id(t): device for t, device in zip(self.leaves, self.original_devices, strict=True)}
+        # A new tensor (a LoRA layer added while offloaded) goes back, on removal, where the group's
+        # other weights go.
+        fallback = self.original_devices[0] if self.original_devices else None
+        devices = [known.get(id(t), fallback or t.device) for t in leaves]
+        old = self.slab
+        self._pack(tensors, leaves, devices)
+        old.release()
+        return True
 
     def views_into(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Typed views of every tensor inside a uint8 `buffer` laid out like the host slab."""
@@ -138,18 +256,18 @@ class WeightGroup:
         self.placeholders = [placeholders(dtype) for dtype in self.dtypes]
 
     def point_to(self, views: Sequence[torch.Tensor]) -> None:
-        for tensor, view in zip(self.tensors, views):
-            tensor.data = view
+        for leaf, view in zip(self.leaves, views):
+            leaf.data = view
 
     def offload(self) -> None:
         """Re-point every tensor at its empty placeholder; never copies device-to-host."""
-        for tensor, placeholder in zip(self.tensors, self.placeholders):
-            tensor.data = placeholder
+        for leaf, placeholder in zip(self.leaves, self.placeholders):
+            leaf.data = placeholder
 
     def restore(self, device: torch.device | None = None) -> None:
         """Gives every tensor its own storage again (on `device`, else where it was); frees the slab."""
-        for tensor, view, original in zip(
-            self.tensors, self.views_into(self.slab.data), self.original_devices, strict=True
+        for leaf, view, original in zip(
+            self.leaves, self.views_into(self.slab.data), self.original_devices, strict=True
         ):
-            tensor.data = view.to(device or original, copy=True)
+            leaf.data = view.to(device or original, copy=True)
         self.slab.release()

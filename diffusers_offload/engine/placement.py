@@ -17,14 +17,25 @@ from .blocks import check_prefetch, resident_indices, resolve_blocks
 from .devices import resolve_device, resolve_pin_memory
 from .handle import OffloadHandle, ensure_not_offloaded
 from .hooks import (
+    CONFLICTING_METHODS,
     STREAMED_BLOCK_HOOK,
-    SWAP_ENTRY_HOOK,
+    WEIGHT_EDITORS,
     StreamedBlockHook,
-    SwapEntryHook,
+    enter_on_forward,
+    load_around_compiled,
+    refuse_call,
     register_hook,
     wrap_entry_method,
+    wrap_weight_editor,
 )
-from .packing import PlaceholderCache, WeightGroup, check_packable, collect_tensors, partition_tensors
+from .packing import (
+    PlaceholderCache,
+    WeightGroup,
+    check_packable,
+    collect_tensors,
+    partition_tensors,
+    storage_leaves,
+)
 from .ring import PrefetchRing
 from .swap import SwapMember, SwapSet
 from .transfer import Copier, make_copier
@@ -66,6 +77,8 @@ class ComponentRecord:
     resident_blocks: int = 0  # blocks of a streamed component that are loaded with its rest
     groups: list[WeightGroup] = field(default_factory=list)  # every host slab of this component
     host_only: list[SwapSet] = field(default_factory=list)
+    host_only_modules: list[torch.nn.Module] = field(default_factory=list)
+    streamed_blocks: tuple[torch.nn.Module, ...] = ()  # in ring order
 
 
 def _validate(named: Mapping[str, torch.nn.Module], placements: Mapping[str, Placement]) -> None:
@@ -148,7 +161,7 @@ def _apply(
     copier: Copier,
 ) -> None:
     device = handle.device
-    placeholders = PlaceholderCache(device)
+    placeholders = handle.placeholders
     swap_set = SwapSet(device, copier)
     handle.swap_sets.append(swap_set)
     records = {name: ComponentRecord(name, module, placements[name]) for name, module in named.items()}
@@ -177,11 +190,11 @@ def _apply(
         before, first_group = handle.resident_bytes, len(handle.groups)
         move_resident(handle, always[name], device)
         for path in placement.host_only:
+            submodule = _resolve_attr(module, path, name)
             record.host_only.append(
-                _host_only(
-                    handle, f"{name}.{path}", _resolve_attr(module, path, name), claimed, placeholders, copier
-                )
+                _host_only(handle, f"{name}.{path}", submodule, claimed, placeholders, copier)
             )
+            record.host_only_modules.append(submodule)
         if placement.strategy == "resident":
             move_resident(handle, collect_tensors([module], claimed), device)
         elif placement.strategy == "swapped":
@@ -194,6 +207,7 @@ def _apply(
             keep = resident_indices(placement.resident_blocks, len(blocks))
             streamed = [block for i, block in enumerate(blocks) if i not in keep]
             record.resident_blocks = len(keep)
+            record.streamed_blocks = tuple(streamed)
             rest, block_tensors = partition_tensors(module, streamed, claimed)
             packed = block_tensors if placement.rest_resident else [rest, *block_tensors]
             for tensors in packed:
@@ -215,12 +229,63 @@ def _apply(
         if record.member is not None:
             attach_entry(handle, module, swap_set, record.member, placement.entry_methods)
         handle.mark(module, name)
+        for method in WEIGHT_EDITORS:
+            if callable(getattr(module, method, None)):
+                undo = wrap_weight_editor(module, method, handle.edit_weights)
+                handle.on_remove(lambda _target, undo=undo: undo())
+        for method in CONFLICTING_METHODS:
+            if callable(getattr(module, method, None)):
+                undo = refuse_call(module, method, name)
+                handle.on_remove(lambda _target, undo=undo: undo())
     # A member alone in its swap set is never pushed out: its slots are allocated now, so that a device
     # too small fails here rather than in the middle of a step.
     if len(swap_set.members) == 1 and swap_set.members[0].ring is not None:
         swap_set.members[0].ring.allocate()
     # Undone first: every member back on placeholders before the groups restore their storage.
     handle.on_remove(lambda _target: swap_set.evict_all())
+    handle.take_in_edits = lambda: take_in_edits(handle)
+
+
+def take_in_edits(handle: OffloadHandle) -> list[str]:
+    """After `handle.edit_weights()`: every group takes in its modules' tensors as they are now (tensors
+    added inside a streamed block stream with it); returns the names of the groups that were re-packed.
+
+    Tensors are assigned exactly as when offloading was applied; new ones outside any group (a resident
+    component, or a streamed one's resident rest) go to the device for good.
+    """
+    excluded = {id(t) for t in handle.resident_tensors}
+    repacked: list[str] = []
+
+    def refresh(group: WeightGroup, tensors: list[torch.Tensor]) -> None:
+        check_packable(tensors, group.name)
+        if group.refresh(tensors):
+            repacked.append(group.name)
+
+    for record in handle.components.values():
+        module, placement = record.module, record.placement
+        for submodule, own_set in zip(record.host_only_modules, record.host_only, strict=True):
+            refresh(own_set.members[0].group, collect_tensors([submodule], excluded))
+        if placement.strategy == "resident":
+            move_resident(handle, collect_tensors([module], excluded), handle.device)
+        elif placement.strategy == "swapped":
+            refresh(record.member.group, collect_tensors([module], excluded))
+        else:
+            rest, per_block = partition_tensors(module, record.streamed_blocks, excluded)
+            excluded.update(id(t) for tensors in (rest, *per_block) for t in tensors)
+            if record.member.group is None:
+                move_resident(handle, rest, handle.device)
+            else:
+                refresh(record.member.group, rest)
+            ring = record.ring
+            if ring is not None:
+                for group, tensors in zip(ring.groups, per_block, strict=True):
+                    refresh(group, tensors)
+                # Slots are sized at allocation, and the ring was freed for the edit.
+                ring.slot_bytes = max(group.nbytes for group in ring.groups)
+    for swap_set in handle.swap_sets[:1]:
+        if len(swap_set.members) == 1 and swap_set.members[0].ring is not None:
+            swap_set.members[0].ring.allocate()
+    return repacked
 
 
 def _host_only(
@@ -237,6 +302,7 @@ def _host_only(
     tensors = collect_tensors([submodule], claimed)
     check_packable(tensors, name)
     own_set = SwapSet(handle.device, copier)
+    handle.swap_sets.append(own_set)
     member = own_set.add(SwapMember(name, pack_group(handle, name, tensors, placeholders)))
     attach_entry(handle, submodule, own_set, member, ())
     handle.on_remove(lambda _target: own_set.evict_all())
@@ -245,11 +311,14 @@ def _host_only(
 
 def move_resident(handle: OffloadHandle, tensors: list[torch.Tensor], device: torch.device) -> None:
     """Moves `tensors` to `device` for as long as the handle lives (no host copy is kept)."""
+    already = {id(t) for t in handle.resident_tensors}
+    tensors = [t for t in tensors if id(t) not in already]
     originals = [t.device for t in tensors]
     for tensor in tensors:
         if tensor.device != device:
             tensor.data = tensor.data.to(device)
     handle.resident_bytes += sum(t.numel() * t.element_size() for t in tensors)
+    handle.resident_tensors.extend(tensors)
 
     def undo(target: torch.device | None) -> None:
         for tensor, original in zip(tensors, originals, strict=True):
@@ -264,6 +333,15 @@ def pack_group(
     handle: OffloadHandle, name: str, tensors: list[torch.Tensor], placeholders: PlaceholderCache
 ) -> WeightGroup:
     """Packs `tensors` into a host slab, leaves them offloaded, and registers the restore."""
+    leaves = {id(leaf) for tensor in tensors for leaf in storage_leaves(tensor)}
+    if leaves & handle.packed_leaves:
+        # Two groups re-pointing one tensor would pull it from under each other.
+        raise ValueError(
+            f"{name}: a tensor that holds weight bytes (e.g. quantization state) is shared with another "
+            "block or component; offloading needs each block to own its tensors. Quantize each layer "
+            "separately, or keep the sharing module resident (resident_blocks=...)."
+        )
+    handle.packed_leaves |= leaves
     group = WeightGroup(name, tensors, pin=handle.pin_memory, device_type=handle.device.type)
     handle.groups.append(group)
     handle.on_remove(lambda target: group.restore(target))
@@ -292,12 +370,17 @@ def build_ring(
     handle.rings.append(ring)
     handle.on_remove(lambda _target: ring.free())
     for position, block in enumerate(streamed):
-        attach_hook(handle, block, StreamedBlockHook(ring, position), STREAMED_BLOCK_HOOK)
+        hook = StreamedBlockHook(ring, position)
+        attach_hook(handle, block, hook, STREAMED_BLOCK_HOOK, innermost=True)
+        undo = load_around_compiled(block, hook)
+        handle.on_remove(lambda _target, undo=undo: undo())
     return ring
 
 
-def attach_hook(handle: OffloadHandle, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-    remove = register_hook(module, hook, name)
+def attach_hook(
+    handle: OffloadHandle, module: torch.nn.Module, hook: ModelHook, name: str, *, innermost: bool = False
+) -> None:
+    remove = register_hook(module, hook, name, innermost=innermost)
     handle.on_remove(lambda _target: remove())
 
 
@@ -309,7 +392,8 @@ def attach_entry(
     methods: Sequence[str],
 ) -> None:
     """Hooks `forward` and each of `methods` so that calling them makes `member` the active one."""
-    attach_hook(handle, module, SwapEntryHook(swap_set, member), SWAP_ENTRY_HOOK)
+    undo_entry = enter_on_forward(module, swap_set, member)
+    handle.on_remove(lambda _target: undo_entry())
     for method in methods:
         undo = wrap_entry_method(module, method, lambda: swap_set.enter(member))
         handle.on_remove(lambda _target, undo=undo: undo())

@@ -46,9 +46,22 @@ def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from module.named_buffers(remove_duplicate=False)
 
 
+def _is_flattening_subclass(t: torch.Tensor) -> bool:
+    # Quantized tensor subclasses (torchao, optimum-quanto) keep their bytes in inner tensors.
+    return hasattr(type(t), "__tensor_flatten__")
+
+
+def _stored_bytes(t: torch.Tensor) -> int:
+    """Bytes `t` really holds: a quantized subclass's inner tensors, not its dequantized size."""
+    if _is_flattening_subclass(t):
+        names, _context = t.__tensor_flatten__()
+        return sum(_stored_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
 def _tensor_key(t: torch.Tensor) -> object:
     # Tied weights share one Parameter object; on real devices also catch distinct views of one storage.
-    if t.device.type == "meta":
+    if t.device.type == "meta" or _is_flattening_subclass(t):
         return id(t)
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
 
@@ -74,7 +87,7 @@ def measure_component(name: str, module: nn.Module, adapter: ModelAdapter) -> Co
     for tensor_name, tensor in _named_tensors(module):
         key = _tensor_key(tensor)
         owners.setdefault(key, set()).add(_bucket(tensor_name, blocks, host))
-        sizes[key] = tensor.numel() * tensor.element_size()
+        sizes[key] = _stored_bytes(tensor)
 
     block_bytes = [0] * len(blocks)
     other_bytes = host_bytes = 0
