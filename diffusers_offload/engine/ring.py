@@ -1,9 +1,11 @@
 """The prefetch ring: `prefetch + 1` device slots that streamed blocks take turns in.
 
-Blocks are expected in a fixed cyclic order (the last block of a forward is followed by the first of
-the next one). Entering block i makes sure it is in a slot, makes compute wait for its copy, and issues
-the copies of blocks i+1..i+prefetch into slots whose occupants are outside that window. Any other order
-(skipped blocks, repeated calls) is still correct: a block that is not in a slot is loaded on demand.
+Blocks are expected in a cyclic order (the last block of a forward is followed by the first of the next
+one). Entering block i makes sure it is in a slot, makes compute wait for its copy, and issues the copies
+of the `prefetch` blocks expected after it into slots whose occupants are outside that window. The order
+expected is learned: it starts as i+1, i+2, ... and each block remembers which block came after it last
+time, so a cache that skips blocks (the same ones pass after pass) gets the blocks that will really run
+prefetched. Any other order is still correct: a block that is not in a slot is loaded on demand.
 """
 
 from __future__ import annotations
@@ -57,10 +59,10 @@ class PrefetchRing:
         # Synchronous copiers (the CPU) order nothing with events: skip those calls on the hot path.
         self._events = copier.uses_events
         self.slots: list[torch.Tensor] = []
-        self._ahead = [
-            tuple((position + step) % count for step in range(1, self.lookahead + 1))
-            for position in range(count)
-        ]
+        # The block seen after each block last time, and the prefetch window that follows from it.
+        self._next = [(position + 1) % count for position in range(count)]
+        self._ahead = [self._window(position) for position in range(count)]
+        self._previous = EMPTY
         self.calls = self.loads = self.on_demand_loads = self.bytes_moved = 0
         self.timeline: BlockTimeline | None = None
 
@@ -69,6 +71,22 @@ class PrefetchRing:
         if self.timeline is None:
             self.timeline = BlockTimeline(self.copier, [group.name for group in self.groups])
         return self.timeline
+
+    def _window(self, position: int) -> tuple[int, ...]:
+        """The blocks expected after `position`, up to `lookahead` of them, each once."""
+        window: list[int] = []
+        upcoming = position
+        for _ in range(self.lookahead):
+            upcoming = self._next[upcoming]
+            if upcoming == position or upcoming in window:
+                break
+            window.append(upcoming)
+        return tuple(window)
+
+    def _learn(self, previous: int, position: int) -> None:
+        """Block `position` followed `previous`: expect that from now on (off the common path)."""
+        self._next[previous] = position
+        self._ahead = [self._window(p) for p in range(len(self.groups))]
 
     @property
     def stats(self) -> RingStats:
@@ -123,6 +141,10 @@ class PrefetchRing:
         timeline = self.timeline
         if timeline is not None:
             wait = self.copier.stamp()
+        previous = self._previous
+        if previous != EMPTY and self._next[previous] != position:
+            self._learn(previous, position)
+        self._previous = position
         if not self.slots:
             self.allocate()
         slot_of = self.slot_of
@@ -168,14 +190,16 @@ class PrefetchRing:
         return slot
 
     def _victim(self, window_start: int) -> int:
-        """An empty slot, else the slot whose block is needed furthest in the future after the window."""
+        """An empty slot, else the slot of a block outside the window of `window_start` (the block about
+        to run and those expected next), the furthest ahead in block order."""
         count = len(self.groups)
+        window = self._ahead[window_start]
         best, best_distance = EMPTY, -1
         for slot, owner in enumerate(self.slot_owner):
             if owner == EMPTY:
                 return slot
             distance = (owner - window_start) % count
-            if distance > self.lookahead and distance > best_distance:
+            if owner != window_start and owner not in window and distance > best_distance:
                 best, best_distance = slot, distance
         if best == EMPTY:  # pragma: no cover - the window holds at most num_slots - 1 loaded blocks here
             raise RuntimeError("PrefetchRing: no free slot; this is a bug in diffusers-offload.")

@@ -136,6 +136,28 @@ def test_blocks_called_in_arbitrary_order(dit):
     handle.remove()
 
 
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_the_ring_learns_which_blocks_a_cache_skips_and_prefetches_those_that_run(dit, prefetch):
+    skipped = (1, 2)
+    for i in skipped:  # registered after ours, as a cache hook is: our hook never runs for these
+        HookRegistry.check_if_exists_or_initialize(dit.blocks[i]).register_hook(SkipBlock(), "skip")
+    references = [dit.run(i) for i in range(3)]
+    copier = DeferredCopier()
+    handle = dof.apply_layerwise_offload(dit.model, device="cpu", prefetch=prefetch, copier=copier)
+    ring = handle.rings[0]
+    with copier:
+        assert torch.equal(dit.run(0), references[0])
+        first_pass = ring.stats
+        for i in [1, 2, 0]:
+            assert torch.equal(dit.run(i), references[i])
+    # Only the first pass, which taught the ring the order 0 -> 3 -> 4 -> 0, loaded block 3 on demand.
+    assert first_pass.on_demand_loads == 2 and ring.stats.on_demand_loads == 2
+    # After it, every load is of a block that runs: 3 per pass, or none once they all fit the slots.
+    assert ring.stats.loads - first_pass.loads == (3 * 3 if prefetch + 1 < 3 else 0)
+    assert copier.violations == []
+    handle.remove()
+
+
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_deferred_copies_prove_waits_and_slot_ordering(dit, prefetch):
     copier = DeferredCopier()

@@ -126,7 +126,11 @@ def test_cache_and_offload_in_any_order(cached, base_images, offload_first, remo
     # Blocks the cache skips are not streamed, in either order: no more loads than blocks computed, but
     # for the one block the ring copies ahead (prefetch=1) of the last block computed.
     assert len(computed) == computed_without_offload
-    assert handle.components["transformer"].ring.loads <= len(computed) + 1
+    ring = handle.components["transformer"].ring
+    assert ring.loads <= len(computed) + 1
+    # The ring learnt that the cached blocks do not run: the computed ones were prefetched, not loaded on
+    # demand (once the first calls showed the order).
+    assert ring.on_demand_loads <= 2
 
     if remove_offload_first:
         pipe.disable_offload()
@@ -187,7 +191,11 @@ def test_cache_dit_and_offload_in_any_order(
         handle = pipe.enable_layerwise_offload("cpu")
     assert torch.equal(generate(pipe), cached_image)
     assert len(computed) == computed_without_offload
-    assert handle.components["transformer"].ring.loads <= len(computed) + 1
+    ring = handle.components["transformer"].ring
+    assert ring.loads <= len(computed) + 1
+    # The ring learnt that the cached blocks do not run: the computed ones were prefetched, not loaded on
+    # demand (once the first calls showed the order).
+    assert ring.on_demand_loads <= 2
     if remove_offload_first:
         pipe.disable_offload()
         assert torch.equal(generate(pipe), cached_image)
