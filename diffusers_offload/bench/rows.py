@@ -31,6 +31,7 @@ class Row:
     offloads: bool  # whether the weights start in host memory (else they are built on the device)
     apply: Callable[[Any, RowContext], Undo]
     help: str
+    into_offload: bool = False  # with --checkpoint: loaded by offload loading, straight into the slabs
 
 
 def _none(pipe: Any, ctx: RowContext) -> Undo:
@@ -85,6 +86,22 @@ ROWS: dict[str, Row] = {
             "ours: every DiT block streamed, 2 blocks ahead",
         ),
         Row(
+            "load-model",
+            True,
+            True,
+            _ours(lambda p, c: p.enable_model_offload(c.device)),
+            "ours: model swap, weights read from the checkpoint straight into the slabs (--checkpoint)",
+            into_offload=True,
+        ),
+        Row(
+            "load-layerwise-p1",
+            True,
+            True,
+            _ours(lambda p, c: p.enable_layerwise_offload(c.device, prefetch=1)),
+            "ours: layerwise-p1, weights read from the checkpoint straight into the slabs (--checkpoint)",
+            into_offload=True,
+        ),
+        Row(
             "budget-50",
             True,
             True,
@@ -124,8 +141,10 @@ ROWS: dict[str, Row] = {
 
 
 def parse_rows(text: str | None) -> list[str]:
-    """Row names from "a,b,c" (default: all); `none` is always run first, the others are relative to it."""
-    names = list(ROWS) if not text else [name.strip() for name in text.split(",") if name.strip()]
+    """Row names from "a,b,c" (default: all but the `load-*` rows, which need --checkpoint); `none` is
+    always run first, the others are relative to it."""
+    default = [name for name, row in ROWS.items() if not row.into_offload]
+    names = default if not text else [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
