@@ -90,8 +90,40 @@ def _component_dtype(torch_dtype: Any, name: str) -> Any:
     return torch_dtype
 
 
+def _transformers_renamed(model: torch.nn.Module, entries: Mapping[str, Entry]) -> dict[str, Entry]:
+    """Entries under the names transformers' own loading gives them (its checkpoint conversion mapping
+    renames legacy layouts, e.g. Mistral3's `language_model.model.*`); a key that needs converting
+    (merging or splitting tensors) cannot be read byte for byte and raises."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers: keys as saved
+        return dict(entries)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return dict(entries)
+    meta_state = model.state_dict()
+    renamed = {}
+    for key, entry in entries.items():
+        name, converter = rename_source_key(
+            key, renamings, converters, getattr(model, "base_model_prefix", None), meta_state
+        )
+        if converter is not None:
+            raise CheckpointError(
+                f"{entry.path}: tensor {key!r} must be converted ({converter}) to load into "
+                f"{type(model).__name__}, which offload loading cannot do byte for byte. Load with "
+                "DiffusionPipeline.from_pretrained and call enable_*_offload() instead."
+            )
+        renamed[name] = entry
+    return renamed
+
+
 def _checkpoint_keys(model: torch.nn.Module, entries: Mapping[str, Entry]) -> dict[str, Entry]:
     """Entries by the model's own tensor names (a checkpoint saved with or without the base prefix)."""
+    if type(model).__module__.startswith("transformers"):
+        entries = _transformers_renamed(model, entries)
     prefix = getattr(model, "base_model_prefix", "") or ""
     found = {}
     for name in (*model.state_dict(keep_vars=True), *_all_names(model)):
@@ -236,5 +268,18 @@ def build_pipeline_on_meta(
         )
         weights.bind(name, stand_ins, by_name)
         components[name] = model
-    pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs, **components)
+    # The pipeline's own class: through DiffusionPipeline, diffusers ignores a passed component that the
+    # class lists as optional (Wan's transformers) and loads it from disk again.
+    import diffusers
+
+    pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+    if not (isinstance(pipeline_class, type) and issubclass(pipeline_class, DiffusionPipeline)):
+        pipeline_class = DiffusionPipeline
+    pipe = pipeline_class.from_pretrained(str(folder), **kwargs, **components)
+    replaced = [name for name, model in components.items() if getattr(pipe, name, None) is not model]
+    if replaced:
+        raise RuntimeError(
+            f"{folder}: {pipeline_class.__name__}.from_pretrained did not take the components {replaced} "
+            "as given. Load with DiffusionPipeline.from_pretrained and call enable_*_offload() instead."
+        )
     return pipe, weights
