@@ -24,6 +24,7 @@ BENCH_MODELS = (
 )
 BENCH_ROWS = (
     "none",
+    "read-all",
     "model",
     "layerwise-p1",
     "layerwise-p2",

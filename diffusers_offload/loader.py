@@ -1,10 +1,10 @@
-"""Loading a pipeline straight into its offload layout: models built on `meta`, bytes read into slabs.
+"""Loading a pipeline straight into its offload layout: models built without weights, read into slabs.
 
 `OffloadPipeline.from_pretrained(path, offload=...)` comes here. Each diffusers or transformers model
-of the pipeline is built from its config on the `meta` device (no weights), given the dtypes its own
-`from_pretrained` would give it, and bound to the entries of its safetensors files (every header
-checked first); the other components (scheduler, tokenizers) load as usual. Enabling the offload then
-reads every tensor once, from the file into its group's host slab or onto the device.
+of the pipeline is built from its config without weights, given the dtypes its own `from_pretrained`
+would give it, its tensors replaced by host stand-ins bound to the entries of its safetensors files
+(every header checked first); the other components (scheduler, tokenizers) load as usual. Enabling the
+offload then reads every tensor once, from the file into its group's host slab or onto the device.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Reading safetensors checkpoints straight into the buffers that will hold the weights.
 
-A `CheckpointWeights` binds the tensors of modules built on the `meta` device to the entries of their
-safetensors files. Packing then reads each tensor's bytes from the file directly into its view of the
-host slab (or into a device tensor for resident weights): one read, no state dict, no memory map left
-alive. Every file's header is read and checked before any byte is: a missing or truncated file, an
-entry of the wrong shape or kind, or a tensor the checkpoint lacks raise naming the file, before any
-memory is allocated.
+A `CheckpointWeights` binds the tensors of modules built without weights (host stand-ins of the right
+shape and dtype) to the entries of their safetensors files. Packing then reads each tensor's bytes
+from the file directly into its view of the host slab (or into a device tensor for resident weights):
+one read, no state dict, no memory map left alive. Every file's header is read and checked before any
+byte is: a missing or truncated file, an entry of the wrong shape or kind, or a tensor the checkpoint
+lacks raise naming the file, before any memory is allocated.
 
 The safetensors header is parsed here (8-byte little-endian length, then JSON) because the safetensors
 library reads tensors into memory it allocates itself; we need them in memory we allocated.
@@ -137,7 +137,7 @@ def _kind(dtype: torch.dtype) -> str:
 
 
 class CheckpointWeights:
-    """The source of the bytes of tensors on `meta`: each bound to one checkpoint entry.
+    """The source of the bytes of tensors built without them: each bound to one checkpoint entry.
 
     `bind(tensors_by_name, entries)` binds the tensors of one module (names as in its `state_dict`,
     aliases of tied weights included) and checks them all; `read_into(tensor, out)` fills a CPU tensor,
@@ -153,8 +153,8 @@ class CheckpointWeights:
         self.bytes_read = 0
 
     def bind(self, where: str, tensors: Mapping[str, torch.Tensor], entries: Mapping[str, Entry]) -> None:
-        """Binds every `meta` tensor of `tensors` to the entry of its name; raises naming the files when a
-        tensor is missing or does not match (shape, or a float read as an integer)."""
+        """Binds every tensor of `tensors` to the entry of its name; raises naming the files when a tensor
+        is missing or does not match (shape, or a float read as an integer)."""
         files = sorted({str(e.path) for e in entries.values()}) or ["(no files)"]
         missing = []
         for name, tensor in tensors.items():

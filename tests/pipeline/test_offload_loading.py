@@ -87,7 +87,12 @@ class CountingReader:
 
 @pytest.mark.parametrize(
     "offload, extra",
-    [("layerwise", {}), ("model", {}), ("auto", {"vram_budget": "700KB", "reserve": 0})],
+    [
+        ("layerwise", {}),
+        ("model", {}),
+        ("auto", {"vram_budget": "700KB", "reserve": 0}),
+        ("auto", {"vram_budget": "1GB", "reserve": 0}),  # all resident: read straight to the device
+    ],
 )
 def test_offloaded_load_is_bitwise_diffusers_load(saved, offload, extra):
     reference = DiffusionPipeline.from_pretrained(saved, dtype=torch.bfloat16)
@@ -100,6 +105,8 @@ def test_offloaded_load_is_bitwise_diffusers_load(saved, offload, extra):
     assert handle is not None and handle.kind == offload
     # Every stored byte read once, straight into the slabs (or the resident tensors): no second read.
     assert reader.bytes == stored_bytes(reference)
+    if extra.get("vram_budget") == "1GB":
+        assert handle.groups == [] and handle.resident_bytes >= reader.bytes
     for group in handle.groups:
         assert all(is_placeholder(t) for t in group.tensors)
     assert torch.equal(generate(pipe), expected)
@@ -260,5 +267,7 @@ def test_bad_arguments(saved):
         dof.OffloadPipeline.from_pretrained(saved, device="cpu")
     with pytest.raises(ValueError, match="does not take"):
         dof.OffloadPipeline.from_pretrained(saved, offload="model", device="cpu", device_map="balanced")
+    with pytest.raises(ValueError, match="ram_budget .* is not available yet"):
+        dof.OffloadPipeline.from_pretrained(saved, offload="layerwise", device="cpu", ram_budget="1GB")
     with pytest.raises(ValueError, match="no vram_budget"):
         dof.OffloadPipeline.from_pretrained(saved, offload="model", vram_budget="1GB")
