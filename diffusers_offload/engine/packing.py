@@ -169,17 +169,14 @@ class PlaceholderCache:
 
 
 class WeightSource(Protocol):
-    """Where the bytes of tensors built on `meta` come from (`loading.CheckpointWeights`)."""
+    """Where the bytes of tensors built without them (host stand-ins) come from: a checkpoint
+    (`loading.CheckpointWeights`)."""
 
     def covers(self, tensor: torch.Tensor) -> bool: ...
 
     def read_into(self, tensor: torch.Tensor, out: torch.Tensor) -> None: ...
 
     def load(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor: ...
-
-
-def _host_if_meta(device: torch.device) -> torch.device:
-    return torch.device("cpu") if device.type == "meta" else device
 
 
 def is_placeholder(tensor: torch.Tensor) -> bool:
@@ -203,8 +200,7 @@ class WeightGroup:
         self.device_type = device_type
         self.placeholders: list[torch.Tensor] = []
         leaves = [leaf for tensor in tensors for leaf in storage_leaves(tensor)]
-        # Tensors read from a checkpoint (stand-ins, or built on `meta`) go to the host on removal.
-        self._pack(tensors, leaves, [_host_if_meta(leaf.device) for leaf in leaves], source)
+        self._pack(tensors, leaves, [leaf.device for leaf in leaves], source)
 
     def _pack(
         self,

@@ -83,11 +83,7 @@ class ComponentRecord:
     streamed_blocks: tuple[torch.nn.Module, ...] = ()  # in ring order
 
 
-def _validate(
-    named: Mapping[str, torch.nn.Module],
-    placements: Mapping[str, Placement],
-    source: WeightSource | None = None,
-) -> None:
+def _validate(named: Mapping[str, torch.nn.Module], placements: Mapping[str, Placement]) -> None:
     if not named:
         raise ValueError("Nothing to offload: no nn.Module components were given.")
     if set(named) != set(placements):
@@ -122,10 +118,10 @@ def _validate(
     ensure_not_offloaded(named.values())
     for name, module in named.items():
         for key, tensor in (*module.named_parameters(), *module.named_buffers()):
-            if tensor.device.type == "meta" and (source is None or not source.covers(tensor)):
+            if tensor.device.type == "meta":
                 raise ValueError(
-                    f"Component {name!r}: {key} is on the 'meta' device and no checkpoint provides it. "
-                    "Load real weights first, or load with OffloadPipeline.from_pretrained(..., offload=...)."
+                    f"Component {name!r}: {key} is on the 'meta' device (no weights). Load real weights "
+                    "first, or load with OffloadPipeline.from_pretrained(..., offload=...)."
                 )
 
 
@@ -156,7 +152,7 @@ def apply_placements(
     `source`: where the tensors it covers (stand-ins of a model built without weights) read their
     bytes from, straight into their slabs or onto the device.
     """
-    _validate(named, placements, source)
+    _validate(named, placements)
     device = resolve_device(device)
     pin = resolve_pin_memory(pin_memory, device)
     copier = copier or make_copier(device)
@@ -346,8 +342,7 @@ def move_resident(
     `source` covers are read from it straight to `device`."""
     already = {id(t) for t in handle.resident_tensors}
     tensors = [t for t in tensors if id(t) not in already]
-    # Read from a checkpoint, they go to the host on removal.
-    originals = [torch.device("cpu") if t.device.type == "meta" else t.device for t in tensors]
+    originals = [t.device for t in tensors]  # stand-ins read from a checkpoint are host tensors
     for tensor in tensors:
         if source is not None and source.covers(tensor):
             tensor.data = source.load(tensor, device)

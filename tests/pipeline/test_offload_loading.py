@@ -271,3 +271,14 @@ def test_bad_arguments(saved):
         dof.OffloadPipeline.from_pretrained(saved, offload="layerwise", device="cpu", ram_budget="1GB")
     with pytest.raises(ValueError, match="no vram_budget"):
         dof.OffloadPipeline.from_pretrained(saved, offload="model", vram_budget="1GB")
+
+
+def test_weights_on_meta_are_refused_naming_the_fix():
+    with torch.device("meta"):
+        resident, swapped = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"'resident': weight is on the 'meta' device.*offload="):
+        dof.apply_placements(
+            {"resident": resident, "swapped": swapped},
+            {"resident": dof.Placement("resident"), "swapped": dof.Placement("swapped")},
+            "cpu",
+        )
