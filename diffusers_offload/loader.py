@@ -152,7 +152,7 @@ def _all_names(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def build_model_on_meta(
+def build_model_without_weights(
     cls: type, folder: Path, torch_dtype: Any = None, variant: str | None = None
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, Entry]]:
     """`cls` built from the config in `folder` without weights, with the dtypes its `from_pretrained`
@@ -173,15 +173,10 @@ def build_model_on_meta(
         with init_empty_weights():
             model = cls._from_config(config)
         model.tie_weights()  # as its from_pretrained does: tied weights are stored once
-        keep = (
-            set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-            if torch_dtype
-            in (
-                torch.float16,
-                torch.bfloat16,
-            )
-            else set()
-        )
+        # Kept in float32: the strict list under fp16 and bf16, the other one under fp16 only.
+        keep: set[str] = set()
+        if torch_dtype in (torch.float16, torch.bfloat16):
+            keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
         if torch_dtype == torch.float16:
             keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
         cast_buffers = False
@@ -231,10 +226,11 @@ def build_model_on_meta(
     return model.eval(), stand_ins, by_name
 
 
-def build_pipeline_on_meta(
+def build_pipeline_without_weights(
     path: str | Path, reader: ReadInto = pread_into, **kwargs: Any
 ) -> tuple[Any, CheckpointWeights]:
-    """The pipeline at `path` (a folder or hub id) with its models on `meta`, bound to their files."""
+    """The pipeline at `path` (a folder or hub id) with its models built without weights, their stand-ins
+    bound to their files (every header checked); nothing of the weights is read yet."""
     from diffusers import DiffusionPipeline
 
     unsupported = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
@@ -263,7 +259,7 @@ def build_pipeline_on_meta(
         cls = _model_class(*spec)
         if cls is None:
             continue
-        model, stand_ins, by_name = build_model_on_meta(
+        model, stand_ins, by_name = build_model_without_weights(
             cls, folder / name, _component_dtype(torch_dtype, name), variant
         )
         weights.bind(name, stand_ins, by_name)

@@ -439,9 +439,11 @@ class OffloadPipeline:
             raise ValueError(f"offload must be one of {OFFLOAD_KINDS} or None, got {offload!r}.")
         if offload == "model" and vram_budget is not None:
             raise ValueError("offload='model' takes no vram_budget; use offload='auto' to plan within one.")
-        from .loader import build_pipeline_on_meta
+        from .loader import build_pipeline_without_weights
 
-        pipe, weights = build_pipeline_on_meta(pretrained_model_name_or_path, reader or pread_into, **kwargs)
+        pipe, weights = build_pipeline_without_weights(
+            pretrained_model_name_or_path, reader or pread_into, **kwargs
+        )
         pipe = attach(pipe)
         pipe._weights_source = weights  # read by the enable_*_offload() call below
         try:

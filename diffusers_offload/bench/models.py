@@ -22,7 +22,7 @@ from torch import nn
 from model_registry import get_adapter, pipeline_modules
 
 from ..engine.loading import CheckpointWeights
-from ..loader import build_model_on_meta
+from ..loader import build_model_without_weights
 from ..planning.meta import build_components, quiet_libraries
 
 Inputs = list[dict[str, Any]]  # one kwargs dict per transformer call of a step
@@ -243,7 +243,7 @@ def build_pipeline(
     del transformer  # freed before loading, so that host memory holds one copy
     started = time.perf_counter()
     if into_offload:
-        transformer, stand_ins, entries = build_model_on_meta(transformer_class, checkpoint, dtype)
+        transformer, stand_ins, entries = build_model_without_weights(transformer_class, checkpoint, dtype)
         weights = CheckpointWeights()
         weights.bind("transformer", stand_ins, entries)
         pipe.transformer = transformer
