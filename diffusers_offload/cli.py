@@ -24,9 +24,12 @@ BENCH_MODELS = (
 )
 BENCH_ROWS = (
     "none",
+    "read-all",
     "model",
     "layerwise-p1",
     "layerwise-p2",
+    "load-model",
+    "load-layerwise-p1",
     "budget-50",
     "diffusers-model",
     "diffusers-sequential",
@@ -107,17 +110,22 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if not source.is_dir() and not looks_like_hub_id:
         raise FileNotFoundError(f"{args.model} is neither a local folder nor a hub id (owner/name)")
-    pipe = OffloadPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-    if args.offload == "model":
-        pipe.enable_model_offload(args.device)
-    elif args.offload == "layerwise":
-        pipe.enable_layerwise_offload(
-            args.device, prefetch=args.prefetch, vram_budget=args.budget, reserve=args.reserve
+    dtype = getattr(torch, args.dtype)
+    if args.offload == "none":
+        pipe = OffloadPipeline.from_pretrained(args.model, dtype=dtype)
+        if args.device is not None:
+            pipe.to(args.device)
+    else:
+        # Offload loading: each weight read from its file straight into the offload layout.
+        pipe = OffloadPipeline.from_pretrained(
+            args.model,
+            offload=args.offload,
+            vram_budget=args.budget,
+            device=args.device,
+            prefetch=args.prefetch,
+            reserve=args.reserve,
+            dtype=dtype,
         )
-    elif args.offload == "auto":
-        pipe.enable_offload(args.budget, args.device, prefetch=args.prefetch, reserve=args.reserve)
-    elif args.device is not None:
-        pipe.to(args.device)
     call = {"generator": torch.Generator().manual_seed(args.seed), "output_type": "pil"}
     for name, argument in (("steps", "num_inference_steps"), ("height", "height"), ("width", "width")):
         if getattr(args, name) is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from model_registry import ModelAdapter, get_adapter, pipeline_modules
 from .engine import OffloadHandle, Placement, apply_placements
 from .engine.devices import is_accelerator, resolve_device
 from .engine.hooks import wrap_weight_editor
+from .engine.loading import CheckpointWeights, ReadInto, pread_into
 from .engine.transfer import Copier
 from .planning import DEFAULT_RESERVE, Plan, measure_components, parse_bytes, plan_offload
 from .report import OffloadReport, build_report
@@ -20,6 +22,7 @@ from .report import OffloadReport, build_report
 FREE_MEMORY_MARGIN = 0.9
 
 ENCODER_POLICIES = ("swap", "stream")
+OFFLOAD_KINDS = ("auto", "model", "layerwise")
 
 # Pipeline methods (diffusers' LoRA loader mixins, fused projections) that change component weights.
 # Some reach the weights without a component method (text-encoder LoRA fuse/unload), so the whole call
@@ -140,6 +143,9 @@ class OffloadMixin:
     """Adds `enable_model_offload`, `enable_layerwise_offload` and `disable_offload` to a pipeline."""
 
     _offload_handle: OffloadHandle | None = None
+    # Set by offload loading: the checkpoint that the next enable_*_offload() reads the weights of
+    # components built without them from (then closes).
+    _weights_source: CheckpointWeights | None = None
 
     @property
     def offload_handle(self) -> OffloadHandle | None:
@@ -157,9 +163,29 @@ class OffloadMixin:
         timing: bool = False,
     ) -> OffloadHandle:
         modules = pipeline_modules(self)
-        handle = apply_placements(
-            modules, placements, device, pin_memory, kind=kind, copier=copier, timing=timing
-        )
+        source, self._weights_source = self._weights_source, None
+        try:
+            handle = apply_placements(
+                modules,
+                placements,
+                device,
+                pin_memory,
+                kind=kind,
+                copier=copier,
+                timing=timing,
+                source=source,
+            )
+            unread = source.unread() if source is not None else []
+            if unread:
+                handle.remove()
+                raise RuntimeError(
+                    f"{len(unread)} tensors of the checkpoint were not placed (e.g. {unread[:3]}): a model "
+                    "of the pipeline is not among its offloaded components. Load it with "
+                    "DiffusionPipeline.from_pretrained and call enable_*_offload() instead."
+                )
+        finally:
+            if source is not None:
+                source.close()
         handle.plan = plan
         for method in PIPELINE_WEIGHT_EDITORS:
             if callable(getattr(self, method, None)):
@@ -364,8 +390,81 @@ class OffloadPipeline:
         )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> Any:
-        """`DiffusionPipeline.from_pretrained(...)` followed by `attach`."""
-        from diffusers import DiffusionPipeline
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        offload: str | None = None,
+        vram_budget: int | str | None = None,
+        ram_budget: int | str | None = None,
+        device: str | torch.device | None = None,
+        prefetch: int = 1,
+        reserve: int | str = DEFAULT_RESERVE,
+        pin_memory: bool | None = None,
+        reader: ReadInto | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Loads a diffusers pipeline with the offloading methods; with `offload`, already offloaded.
 
-        return attach(DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs))
+        `offload=None`: `DiffusionPipeline.from_pretrained(...)` followed by `attach`. `offload="auto"`
+        (the planner, within `vram_budget`), `"model"` (model swap) or `"layerwise"` (streaming; with
+        `vram_budget`, the planner picks the resident blocks): each diffusers/transformers model is built
+        from its config without weights and every tensor is read once from its safetensors file straight
+        into its host slab (resident ones onto `device`), so host memory never holds a second copy; a
+        progress bar shows the bytes read. Other keywords (`dtype`, `variant`, components, ...) are
+        `DiffusionPipeline.from_pretrained`'s. A missing or truncated file, or a checkpoint that does not
+        match its config, raises `ValueError` naming the file before any weight byte is read.
+        `ram_budget` (a disk tier) is not available yet and is refused. `reader`: advanced, reads the
+        bytes (tests).
+        """
+        from diffusers import DiffusionPipeline
+        from diffusers.utils.logging import tqdm
+
+        if ram_budget is not None:
+            # Named here so that it is refused, not passed on to diffusers (which would ignore it).
+            raise ValueError(
+                "ram_budget (a disk tier for groups that do not fit in host memory) is not available yet: "
+                "offload loading holds every offloaded weight in host memory once (1.0x the model). "
+                "Drop ram_budget, or use a machine with host memory for the model."
+            )
+        if offload is None:
+            extra = dict(vram_budget=vram_budget, device=device, pin_memory=pin_memory, reader=reader)
+            given = [name for name, value in extra.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"{given} apply to offload loading: pass offload='auto', 'model' or 'layerwise'."
+                )
+            return attach(DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs))
+        if offload not in OFFLOAD_KINDS:
+            raise ValueError(f"offload must be one of {OFFLOAD_KINDS} or None, got {offload!r}.")
+        if offload == "model" and vram_budget is not None:
+            raise ValueError("offload='model' takes no vram_budget; use offload='auto' to plan within one.")
+        from .loader import build_pipeline_without_weights
+
+        pipe, weights = build_pipeline_without_weights(
+            pretrained_model_name_or_path, reader or pread_into, **kwargs
+        )
+        pipe = attach(pipe)
+        pipe._weights_source = weights  # read by the enable_*_offload() call below
+        try:
+            # diffusers' progress bar (diffusers.utils.logging.disable_progress_bar() turns it off).
+            with tqdm(total=weights.total_bytes, unit="B", unit_scale=True, desc="Loading weights") as bar:
+                weights.progress = bar.update
+                if offload == "auto":
+                    pipe.enable_offload(
+                        vram_budget, device, prefetch=prefetch, reserve=reserve, pin_memory=pin_memory
+                    )
+                elif offload == "model":
+                    pipe.enable_model_offload(device, pin_memory=pin_memory)
+                else:
+                    pipe.enable_layerwise_offload(
+                        device,
+                        prefetch=prefetch,
+                        vram_budget=vram_budget,
+                        reserve=reserve,
+                        pin_memory=pin_memory,
+                    )
+        finally:
+            pipe._weights_source = None
+            weights.close()
+        return pipe

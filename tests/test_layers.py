@@ -27,7 +27,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]] = {
     "diffusers_offload": (OURS, None),
 }
 # What stays at the top of the package: the user-facing surface, and the subpackages.
-TOP_LEVEL = {"__init__", "pipeline", "report", "cli", "demo", "bench", "engine", "planning", "tiny"}
+TOP_LEVEL = {"__init__", "pipeline", "loader", "report", "cli", "demo", "bench", "engine", "planning", "tiny"}
 SUBPACKAGES = (
     "diffusers_offload/engine",
     "diffusers_offload/planning",

@@ -132,9 +132,18 @@ def _measure_row(config: BenchConfig, name: str, result: RowResult) -> None:
         torch.empty(1, device=device)  # the context belongs to the baseline, not to the row
     baseline = host_rss_bytes()
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
+    if row.into_offload and checkpoint is None:
+        raise ValueError(f"row {name!r} loads from a saved checkpoint: pass --checkpoint DIR")
     # Built on the execution device (random initialisation is fast there), then placed where the row
     # starts from: host memory for the offloading rows, as after a user's from_pretrained.
-    pipe, result.load_s = build_pipeline(spec, device, dtype, dit_only=config.dit_only, checkpoint=checkpoint)
+    pipe, result.load_s = build_pipeline(
+        spec,
+        device,
+        dtype,
+        dit_only=config.dit_only,
+        checkpoint=checkpoint,
+        into_offload=row.into_offload,
+    )
     pipe.to("cpu" if row.offloads else device)
     modules = pipeline_modules(pipe)
     adapter = get_adapter(pipe)

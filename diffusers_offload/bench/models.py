@@ -21,6 +21,8 @@ from torch import nn
 
 from model_registry import get_adapter, pipeline_modules
 
+from ..engine.loading import CheckpointWeights
+from ..loader import build_model_without_weights
 from ..planning.meta import build_components, quiet_libraries
 
 Inputs = list[dict[str, Any]]  # one kwargs dict per transformer call of a step
@@ -197,11 +199,14 @@ def build_pipeline(
     *,
     dit_only: bool = False,
     checkpoint: Path | None = None,
+    into_offload: bool = False,
 ) -> tuple[Any, float | None]:
     """The pipeline with random weights on `device`, and the seconds `from_pretrained` took (checkpoint only).
 
     With `checkpoint`, the pipeline is the transformer alone: saved there once (random weights) and loaded
     back with `from_pretrained` on the CPU, as a user's would be (its host memory is then what a user has).
+    `into_offload`: instead, as offload loading does, the transformer is built without weights and
+    bound to the checkpoint; the next `enable_*_offload()` reads it straight into its slabs.
     """
     dit_only = dit_only or checkpoint is not None
     saved = checkpoint is not None and (checkpoint / "config.json").is_file()
@@ -237,7 +242,14 @@ def build_pipeline(
     pipe.transformer = None
     del transformer  # freed before loading, so that host memory holds one copy
     started = time.perf_counter()
-    pipe.transformer = transformer_class.from_pretrained(checkpoint, torch_dtype=dtype)
+    if into_offload:
+        transformer, stand_ins, entries = build_model_without_weights(transformer_class, checkpoint, dtype)
+        weights = CheckpointWeights()
+        weights.bind("transformer", stand_ins, entries)
+        pipe.transformer = transformer
+        pipe._weights_source = weights  # read (and closed) by the row's enable_*_offload()
+    else:
+        pipe.transformer = transformer_class.from_pretrained(checkpoint, torch_dtype=dtype)
     return pipe, time.perf_counter() - started
 
 

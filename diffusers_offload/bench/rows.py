@@ -31,11 +31,26 @@ class Row:
     offloads: bool  # whether the weights start in host memory (else they are built on the device)
     apply: Callable[[Any, RowContext], Undo]
     help: str
+    into_offload: bool = False  # with --checkpoint: loaded by offload loading, straight into the slabs
+    in_default: bool = True  # run when --rows is not given (the load rows compare loading, with --checkpoint)
 
 
 def _none(pipe: Any, ctx: RowContext) -> Undo:
     pipe.to(ctx.device)
     return lambda: None
+
+
+def _read_every_page(pipe: Any, ctx: RowContext) -> Undo:
+    """Touches every page of every weight, so that a lazily mapped `from_pretrained` has read its bytes:
+    the cold-start reference that offload loading is compared with."""
+    from model_registry import pipeline_modules
+
+    page = 4096
+    for module in pipeline_modules(pipe).values():
+        for tensor in (*module.parameters(), *module.buffers()):
+            data = tensor.detach().reshape(-1).view(torch.uint8)
+            int(data[::page].sum())
+    return _none(pipe, ctx)
 
 
 def _ours(enable: Callable[[Any, RowContext], Any]) -> Callable[[Any, RowContext], Undo]:
@@ -69,6 +84,14 @@ ROWS: dict[str, Row] = {
     row.name: row
     for row in (
         Row("none", False, False, _none, "everything resident on the device"),
+        Row(
+            "read-all",
+            False,
+            True,
+            _read_every_page,
+            "plain from_pretrained, then every page of the weights read (cold-start reference; no offload)",
+            in_default=False,
+        ),
         Row("model", True, True, _ours(lambda p, c: p.enable_model_offload(c.device)), "ours: model swap"),
         Row(
             "layerwise-p1",
@@ -83,6 +106,24 @@ ROWS: dict[str, Row] = {
             True,
             _ours(lambda p, c: p.enable_layerwise_offload(c.device, prefetch=2)),
             "ours: every DiT block streamed, 2 blocks ahead",
+        ),
+        Row(
+            "load-model",
+            True,
+            True,
+            _ours(lambda p, c: p.enable_model_offload(c.device)),
+            "ours: model swap, weights read from the checkpoint straight into the slabs (--checkpoint)",
+            into_offload=True,
+            in_default=False,
+        ),
+        Row(
+            "load-layerwise-p1",
+            True,
+            True,
+            _ours(lambda p, c: p.enable_layerwise_offload(c.device, prefetch=1)),
+            "ours: layerwise-p1, weights read from the checkpoint straight into the slabs (--checkpoint)",
+            into_offload=True,
+            in_default=False,
         ),
         Row(
             "budget-50",
@@ -124,8 +165,10 @@ ROWS: dict[str, Row] = {
 
 
 def parse_rows(text: str | None) -> list[str]:
-    """Row names from "a,b,c" (default: all); `none` is always run first, the others are relative to it."""
-    names = list(ROWS) if not text else [name.strip() for name in text.split(",") if name.strip()]
+    """Row names from "a,b,c" (default: all but the loading rows `read-all` and `load-*`, for
+    --checkpoint); `none` is always run first, the others are relative to it."""
+    default = [name for name, row in ROWS.items() if row.in_default]
+    names = default if not text else [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")

@@ -8,6 +8,7 @@ host slab, into a device buffer, or at an empty placeholder. `Parameter` objects
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -167,6 +168,17 @@ class PlaceholderCache:
         return placeholder
 
 
+class WeightSource(Protocol):
+    """Where the bytes of tensors built without them (host stand-ins) come from: a checkpoint
+    (`loading.CheckpointWeights`)."""
+
+    def covers(self, tensor: torch.Tensor) -> bool: ...
+
+    def read_into(self, tensor: torch.Tensor, out: torch.Tensor) -> None: ...
+
+    def load(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor: ...
+
+
 def is_placeholder(tensor: torch.Tensor) -> bool:
     return tensor.numel() == 0 and tensor.untyped_storage().nbytes() == 0
 
@@ -174,16 +186,28 @@ def is_placeholder(tensor: torch.Tensor) -> bool:
 class WeightGroup:
     """The tensors of one block or component, packed into one exact-size host slab."""
 
-    def __init__(self, name: str, tensors: list[torch.Tensor], *, pin: bool, device_type: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        tensors: list[torch.Tensor],
+        *,
+        pin: bool,
+        device_type: str,
+        source: WeightSource | None = None,
+    ) -> None:
         self.name = name
         self.pin = pin
         self.device_type = device_type
         self.placeholders: list[torch.Tensor] = []
         leaves = [leaf for tensor in tensors for leaf in storage_leaves(tensor)]
-        self._pack(tensors, leaves, [leaf.device for leaf in leaves])
+        self._pack(tensors, leaves, [leaf.device for leaf in leaves], source)
 
     def _pack(
-        self, tensors: list[torch.Tensor], leaves: list[torch.Tensor], original_devices: list[torch.device]
+        self,
+        tensors: list[torch.Tensor],
+        leaves: list[torch.Tensor],
+        original_devices: list[torch.device],
+        source: WeightSource | None = None,
     ) -> None:
         # `tensors`: the parameters and buffers as modules hold them; `leaves`: the plain tensors that
         # hold their bytes (the same tensors, unless some are quantized subclasses). Only leaves move.
@@ -207,7 +231,10 @@ class WeightGroup:
         # Each tensor is copied in, then re-pointed at its host view at once, so the original storage
         # can be freed as we go: host memory never holds two copies of the group.
         for leaf, view in zip(self.leaves, self.views_into(self.slab.data), strict=True):
-            view.copy_(leaf.detach())
+            if source is not None and source.covers(leaf):
+                source.read_into(leaf, view)  # straight from the file into the slab
+            else:
+                view.copy_(leaf.detach())
             leaf.data = view
 
     def point_to_host(self) -> None:

@@ -28,9 +28,11 @@ from .hooks import (
     wrap_entry_method,
     wrap_weight_editor,
 )
+from .loading import release_views
 from .packing import (
     PlaceholderCache,
     WeightGroup,
+    WeightSource,
     check_packable,
     collect_tensors,
     partition_tensors,
@@ -114,6 +116,13 @@ def _validate(named: Mapping[str, torch.nn.Module], placements: Mapping[str, Pla
         for path in (*placement.host_only, *placement.resident_tensors):
             _resolve_attr(module, path, name)
     ensure_not_offloaded(named.values())
+    for name, module in named.items():
+        for key, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if tensor.device.type == "meta":
+                raise ValueError(
+                    f"Component {name!r}: {key} is on the 'meta' device (no weights). Load real weights "
+                    "first, or load with OffloadPipeline.from_pretrained(..., offload=...)."
+                )
 
 
 def _resolve_attr(module: torch.nn.Module, path: str, name: str) -> object:
@@ -134,11 +143,14 @@ def apply_placements(
     kind: str = "custom",
     copier: Copier | None = None,
     timing: bool = False,
+    source: WeightSource | None = None,
 ) -> OffloadHandle:
     """Places each component as its `Placement` says; swapped and streamed ones form one swap set.
 
     Everything is validated before any weight moves; a failure half-way undoes what was done.
     `timing=True` stamps every streamed block's copy and compute for the report's timeline.
+    `source`: where the tensors it covers (stand-ins of a model built without weights) read their
+    bytes from, straight into their slabs or onto the device.
     """
     _validate(named, placements)
     device = resolve_device(device)
@@ -147,7 +159,7 @@ def apply_placements(
     handle = OffloadHandle(kind, device, pin)
     handle.timing = timing
     try:
-        _apply(handle, named, placements, copier)
+        _apply(handle, named, placements, copier, source)
     except BaseException:
         handle.remove()
         raise
@@ -159,8 +171,11 @@ def _apply(
     named: Mapping[str, torch.nn.Module],
     placements: Mapping[str, Placement],
     copier: Copier,
+    source: WeightSource | None = None,
 ) -> None:
     device = handle.device
+    # A buffer that is a view (SD3's pos_embed) keeps its base alive, and with it a checkpoint's mapping.
+    release_views(named.values(), keep=lambda t: source is not None and source.covers(t))
     placeholders = handle.placeholders
     swap_set = SwapSet(device, copier)
     handle.swap_sets.append(swap_set)
@@ -188,19 +203,19 @@ def _apply(
     for name, module in named.items():
         record, placement = records[name], placements[name]
         before, first_group = handle.resident_bytes, len(handle.groups)
-        move_resident(handle, always[name], device)
+        move_resident(handle, always[name], device, source)
         for path in placement.host_only:
             submodule = _resolve_attr(module, path, name)
             record.host_only.append(
-                _host_only(handle, f"{name}.{path}", submodule, claimed, placeholders, copier)
+                _host_only(handle, f"{name}.{path}", submodule, claimed, placeholders, copier, source)
             )
             record.host_only_modules.append(submodule)
         if placement.strategy == "resident":
-            move_resident(handle, collect_tensors([module], claimed), device)
+            move_resident(handle, collect_tensors([module], claimed), device, source)
         elif placement.strategy == "swapped":
             tensors = collect_tensors([module], claimed)
-            check_packable(tensors, name)
-            group = pack_group(handle, name, tensors, placeholders)
+            _check_packable(tensors, name, source)
+            group = pack_group(handle, name, tensors, placeholders, source)
             record.member = swap_set.add(SwapMember(name, group))
         else:
             blocks = resolve_blocks(module, placement.block_lists)
@@ -211,17 +226,19 @@ def _apply(
             rest, block_tensors = partition_tensors(module, streamed, claimed)
             packed = block_tensors if placement.rest_resident else [rest, *block_tensors]
             for tensors in packed:
-                check_packable(tensors, name)
+                _check_packable(tensors, name, source)
             claimed.update(id(t) for tensors in (rest, *block_tensors) for t in tensors)
             group = None
             if placement.rest_resident:
-                move_resident(handle, rest, device)
+                move_resident(handle, rest, device, source)
             else:
-                group = pack_group(handle, f"{name}.rest", rest, placeholders)
+                group = pack_group(handle, f"{name}.rest", rest, placeholders, source)
             # Slots are allocated when the component is entered, and given back when it leaves.
             ring = None
             if streamed:
-                ring = build_ring(handle, streamed, block_tensors, placement.prefetch, placeholders, copier)
+                ring = build_ring(
+                    handle, streamed, block_tensors, placement.prefetch, placeholders, copier, source
+                )
             record.ring = ring
             record.member = swap_set.add(SwapMember(name, group, ring))
         record.resident_bytes = handle.resident_bytes - before
@@ -295,28 +312,46 @@ def _host_only(
     claimed: set[int],
     placeholders: PlaceholderCache,
     copier: Copier,
+    source: WeightSource | None = None,
 ) -> SwapSet:
     """A submodule kept on the host and loaded (for good) the first time it is called."""
     if not isinstance(submodule, torch.nn.Module):
         raise ValueError(f"host_only entry {name!r} is not a module.")
     tensors = collect_tensors([submodule], claimed)
-    check_packable(tensors, name)
+    _check_packable(tensors, name, source)
     own_set = SwapSet(handle.device, copier)
     handle.swap_sets.append(own_set)
-    member = own_set.add(SwapMember(name, pack_group(handle, name, tensors, placeholders)))
+    member = own_set.add(SwapMember(name, pack_group(handle, name, tensors, placeholders, source)))
     attach_entry(handle, submodule, own_set, member, ())
     handle.on_remove(lambda _target: own_set.evict_all())
     return own_set
 
 
-def move_resident(handle: OffloadHandle, tensors: list[torch.Tensor], device: torch.device) -> None:
-    """Moves `tensors` to `device` for as long as the handle lives (no host copy is kept)."""
+def _check_packable(tensors: list[torch.Tensor], where: str, source: WeightSource | None) -> None:
+    # Stand-ins that a checkpoint covers get their bytes from it.
+    check_packable([t for t in tensors if source is None or not source.covers(t)], where)
+
+
+def move_resident(
+    handle: OffloadHandle,
+    tensors: list[torch.Tensor],
+    device: torch.device,
+    source: WeightSource | None = None,
+) -> None:
+    """Moves `tensors` to `device` for as long as the handle lives (no host copy is kept); tensors that
+    `source` covers are read from it straight to `device`."""
     already = {id(t) for t in handle.resident_tensors}
     tensors = [t for t in tensors if id(t) not in already]
-    originals = [t.device for t in tensors]
+    originals = [t.device for t in tensors]  # stand-ins read from a checkpoint are host tensors
     for tensor in tensors:
-        if tensor.device != device:
+        if source is not None and source.covers(tensor):
+            tensor.data = source.load(tensor, device)
+        elif tensor.device != device:
             tensor.data = tensor.data.to(device)
+        elif device.type == "cpu":
+            # Its own storage: it may be a view into a memory-mapped checkpoint, which would stay mapped
+            # (and resident) for as long as any of its tensors lives.
+            tensor.data = tensor.data.clone()
     handle.resident_bytes += sum(t.numel() * t.element_size() for t in tensors)
     handle.resident_tensors.extend(tensors)
 
@@ -330,7 +365,11 @@ def move_resident(handle: OffloadHandle, tensors: list[torch.Tensor], device: to
 
 
 def pack_group(
-    handle: OffloadHandle, name: str, tensors: list[torch.Tensor], placeholders: PlaceholderCache
+    handle: OffloadHandle,
+    name: str,
+    tensors: list[torch.Tensor],
+    placeholders: PlaceholderCache,
+    source: WeightSource | None = None,
 ) -> WeightGroup:
     """Packs `tensors` into a host slab, leaves them offloaded, and registers the restore."""
     leaves = {id(leaf) for tensor in tensors for leaf in storage_leaves(tensor)}
@@ -342,7 +381,7 @@ def pack_group(
             "separately, or keep the sharing module resident (resident_blocks=...)."
         )
     handle.packed_leaves |= leaves
-    group = WeightGroup(name, tensors, pin=handle.pin_memory, device_type=handle.device.type)
+    group = WeightGroup(name, tensors, pin=handle.pin_memory, device_type=handle.device.type, source=source)
     handle.groups.append(group)
     handle.on_remove(lambda target: group.restore(target))
     group.make_placeholders(placeholders)
@@ -357,11 +396,12 @@ def build_ring(
     prefetch: int,
     placeholders: PlaceholderCache,
     copier: Copier,
+    source: WeightSource | None = None,
 ) -> PrefetchRing:
     """Packs each streamed block, builds their ring and hooks every block to it; the ring's slots are
     freed on removal."""
     groups = [
-        pack_group(handle, f"{type(block).__name__}[{i}]", tensors, placeholders)
+        pack_group(handle, f"{type(block).__name__}[{i}]", tensors, placeholders, source)
         for i, (block, tensors) in enumerate(zip(streamed, block_tensors, strict=True))
     ]
     ring = PrefetchRing(groups, handle.device, prefetch, copier)

@@ -73,7 +73,12 @@ def saved_pipeline(tmp_path_factory):
 
 
 @pytest.mark.parametrize("offload", ["none", "model", "layerwise", "auto"])
-def test_generate_from_a_local_folder(saved_pipeline, tmp_path, capsys, offload):
+def test_generate_from_a_local_folder(saved_pipeline, tmp_path, capsys, monkeypatch, offload):
+    import diffusers_offload.pipeline as pipeline_module
+
+    read = []
+    plain_read = pipeline_module.pread_into
+    monkeypatch.setattr(pipeline_module, "pread_into", lambda *a: (read.append(a), plain_read(*a)))
     out = tmp_path / "image.png"
     args = ["generate", str(saved_pipeline), "--prompt", "a cat", "--offload", offload, "--device", "cpu"]
     args += ["--dtype", "float32", "--steps", "2", "--height", "64", "--width", "64", "--out", str(out)]
@@ -83,6 +88,8 @@ def test_generate_from_a_local_folder(saved_pipeline, tmp_path, capsys, offload)
     assert out.stat().st_size > 0
     printed = capsys.readouterr().out
     assert ("host copy" in printed) == (offload != "none")
+    # Offloading loads through offload loading: the weights are read from the files into the slabs.
+    assert bool(read) == (offload != "none")
 
 
 def test_generate_bad_inputs(saved_pipeline, tmp_path, capsys):
