@@ -396,7 +396,6 @@ class OffloadPipeline:
         *,
         offload: str | None = None,
         vram_budget: int | str | None = None,
-        ram_budget: int | str | None = None,
         device: str | torch.device | None = None,
         prefetch: int = 1,
         reserve: int | str = DEFAULT_RESERVE,
@@ -414,19 +413,11 @@ class OffloadPipeline:
         progress bar shows the bytes read. Other keywords (`dtype`, `variant`, components, ...) are
         `DiffusionPipeline.from_pretrained`'s. A missing or truncated file, or a checkpoint that does not
         match its config, raises `ValueError` naming the file before any weight byte is read.
-        `ram_budget` (a disk tier) is not available yet and is refused. `reader`: advanced, reads the
-        bytes (tests).
+        `reader`: advanced, reads the bytes (tests).
         """
         from diffusers import DiffusionPipeline
         from diffusers.utils.logging import tqdm
 
-        if ram_budget is not None:
-            # Named here so that it is refused, not passed on to diffusers (which would ignore it).
-            raise ValueError(
-                "ram_budget (a disk tier for groups that do not fit in host memory) is not available yet: "
-                "offload loading holds every offloaded weight in host memory once (1.0x the model). "
-                "Drop ram_budget, or use a machine with host memory for the model."
-            )
         if offload is None:
             extra = dict(vram_budget=vram_budget, device=device, pin_memory=pin_memory, reader=reader)
             given = [name for name, value in extra.items() if value is not None]

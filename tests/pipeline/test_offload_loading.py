@@ -267,8 +267,6 @@ def test_bad_arguments(saved):
         dof.OffloadPipeline.from_pretrained(saved, device="cpu")
     with pytest.raises(ValueError, match="does not take"):
         dof.OffloadPipeline.from_pretrained(saved, offload="model", device="cpu", device_map="balanced")
-    with pytest.raises(ValueError, match="ram_budget .* is not available yet"):
-        dof.OffloadPipeline.from_pretrained(saved, offload="layerwise", device="cpu", ram_budget="1GB")
     with pytest.raises(ValueError, match="no vram_budget"):
         dof.OffloadPipeline.from_pretrained(saved, offload="model", vram_budget="1GB")
 
