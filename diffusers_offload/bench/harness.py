@@ -240,8 +240,11 @@ def _measure_floors(
 # ----------------------------------------------------------------------------------------------- runs
 def _run_isolated(config: BenchConfig, name: str, timeout: float) -> RowResult:
     command = [sys.executable, "-m", "diffusers_offload.bench.harness", json.dumps(asdict(config)), name]
+    # The child imports the very package this process runs (a checkout, or the installed one).
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return RowResult(name, error=f"timed out after {timeout:.0f} s")
     for line in done.stdout.splitlines():

@@ -1,6 +1,8 @@
 """`diffusers-offload bench` on the CPU: the harness that every GPU figure is measured with."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,7 +107,11 @@ def test_a_crashing_row_process_is_reported_and_the_rest_run(monkeypatch):
     real = harness.subprocess.run
     fake_row = {"none": RowResult("none", step_s=2.0, bandwidth=1e9), "model": RowResult("model", step_s=3.0)}
 
+    package_root = str(Path(harness.__file__).resolve().parents[2])
+
     def child(command, **kwargs):
+        # The child imports the package this process runs, wherever the current directory is.
+        assert kwargs["env"]["PYTHONPATH"].split(os.pathsep)[0] == package_root
         name = command[-1]
         if name == "layerwise-p1":  # stands in for a row killed for memory
             script = "import sys; sys.stderr.write('Killed\\n'); sys.exit(137)"
