@@ -59,7 +59,7 @@ def _default_steps(pipeline_class: str) -> int | None:
 def _plan(args: argparse.Namespace) -> int:
     import torch
 
-    from model_registry import get_adapter
+    from .model_registry import get_adapter
 
     from .planning import format_bytes, measure_components, parse_bytes, plan_offload
     from .planning.meta import build_meta_components

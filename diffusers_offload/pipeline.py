@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from model_registry import ModelAdapter, get_adapter, pipeline_modules
+from .model_registry import ModelAdapter, get_adapter, pipeline_modules
 
 from .engine import OffloadHandle, Placement, apply_placements
 from .engine.devices import is_accelerator, resolve_device

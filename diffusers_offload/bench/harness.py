@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from model_registry import get_adapter, pipeline_modules
+from ..model_registry import get_adapter, pipeline_modules
 
 from ..engine.blocks import resolve_blocks
 from ..engine.devices import is_accelerator, resolve_device

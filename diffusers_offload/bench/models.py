@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model_registry import get_adapter, pipeline_modules
+from ..model_registry import get_adapter, pipeline_modules
 
 from ..engine.loading import CheckpointWeights
 from ..loader import build_model_without_weights

@@ -15,7 +15,7 @@ from diffusers_offload.report import build_report
 from diffusers_offload.tiny.qwen_image import TINY_QWEN_IMAGE_CALL
 from diffusers_offload.tiny.sd3 import TINY_SD3_CALL
 from diffusers_offload.tiny.z_image import TINY_Z_IMAGE_CALL
-from model_registry import get_adapter
+from diffusers_offload.model_registry import get_adapter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -8,7 +8,7 @@ import diffusers_offload as dof
 from diffusers_offload.engine.packing import is_placeholder
 from diffusers_offload.planning.sizing import measure_components
 from diffusers_offload.tiny.sd3 import TINY_SD3_CALL, build_tiny_sd3_pipeline, build_tiny_sd3_transformer
-from model_registry import get_adapter
+from diffusers_offload.model_registry import get_adapter
 
 
 def generate(pipe):
