@@ -46,10 +46,30 @@ _EXPORTS = {
     "OffloadReport": ".report",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "OffloadHandle",
+    "OffloadMixin",
+    "OffloadPipeline",
+    "OffloadReport",
+    "Placement",
+    "Plan",
+    "apply_layerwise_offload",
+    "apply_model_offload",
+    "apply_placements",
+    "attach",
+    "format_bytes",
+    "parse_bytes",
+    "plan_offload",
+]
 
 if TYPE_CHECKING:
-    from .engine import OffloadHandle, Placement, apply_layerwise_offload, apply_model_offload, apply_placements
+    from .engine import (
+        OffloadHandle,
+        Placement,
+        apply_layerwise_offload,
+        apply_model_offload,
+        apply_placements,
+    )
     from .pipeline import OffloadMixin, OffloadPipeline, attach
     from .planning import Plan, format_bytes, parse_bytes, plan_offload
     from .report import OffloadReport

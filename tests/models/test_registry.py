@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import diffusers_offload.model_registry as model_registry
-from diffusers_offload.planning.meta import build_meta_components
 from diffusers_offload.model_registry import (
     ModelAdapter,
     generic_adapter,
@@ -21,6 +20,7 @@ from diffusers_offload.model_registry import (
     register_adapter,
     unregister_adapter,
 )
+from diffusers_offload.planning.meta import build_meta_components
 
 
 @functools.cache
