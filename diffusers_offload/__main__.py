@@ -4,4 +4,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing this module (docs tools, test collectors) must not run the CLI
+    sys.exit(main())

@@ -200,7 +200,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(args.out, device=str(device)) else 1
 
 
-def _default_steps(pipeline_class: str) -> int | None:
+def default_steps(pipeline_class: str) -> int | None:
     """The ``num_inference_steps`` default of a diffusers pipeline's ``__call__`` (None if it has none)."""
     import inspect
 
@@ -243,7 +243,7 @@ def _plan(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         strategy=args.strategy,
         calls_per_step=adapter.calls.per_step(call),
-        steps=args.steps if args.steps is not None else _default_steps(class_name),
+        steps=args.steps if args.steps is not None else default_steps(class_name),
         step_unit=adapter.step_unit,
     )
     print()

@@ -167,7 +167,7 @@ class Plan:
         out = [format_table(headers, rows, right=(False, False, False, True, True, True, True))]
         calls = f" ({self.calls_per_step} denoiser calls)" if self.calls_per_step != 1 else ""
         out.append(
-            f"{self._mode()}: peak {format_bytes(self.peak_device_bytes)}"
+            f"{self.title}: peak {format_bytes(self.peak_device_bytes)}"
             f" of {format_bytes(self.budget_bytes)} budget (reserve {format_bytes(self.reserve_bytes)}),"
             f" {format_bytes(self.bytes_moved_per_step)} moved per {self.step_unit}{calls}"
         )
@@ -177,8 +177,10 @@ class Plan:
             )
         return "\n".join(out)
 
-    def _mode(self) -> str:
-        """Named after what the denoiser does; encoders streamed beside a swapped DiT are named too."""
+    @property
+    def title(self) -> str:
+        """What the plan does, named after the denoiser ("layer-wise streaming (prefetch 1)", "model swap",
+        "all resident"); encoders streamed beside a swapped or resident denoiser are named too."""
         denoisers = [c for c in self.components if c.role == "denoiser"]
         streamed = [c for c in self.components if c.strategy == "streamed"]
         if any(c.strategy == "streamed" for c in denoisers):
