@@ -16,6 +16,7 @@ The public names are imported on first use (PEP 562), so `import diffusers_offlo
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,22 @@ __version__ = "0.1.0"
 _here = Path(__file__).resolve().parent
 if not (_here / "model_registry").is_dir() and (_here.parent / "model_registry" / "adapter.py").is_file():
     __path__.append(str(_here.parent))  # noqa: F821 (a package's __path__)
+
+
+class _TorchvisionFallbackFilter(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to PIL because torchvision is absent.
+
+    Importing diffusers' pipelines touches the CLIP/Siglip image processors, so without torchvision every
+    run printed two such notices; nothing here uses those processors, and the PIL fallback is what we want.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+_import_logger = logging.getLogger("transformers.utils.import_utils")  # transformers' own logger name
+if not any(isinstance(f, _TorchvisionFallbackFilter) for f in _import_logger.filters):
+    _import_logger.addFilter(_TorchvisionFallbackFilter())
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {

@@ -67,25 +67,6 @@ _FLAG_PHRASES = {
 }
 
 
-class _TorchvisionFallbackFilter:
-    """Drops transformers' notice that an image processor falls back to PIL without torchvision.
-
-    diffusers' pipeline modules touch CLIP/Siglip image processors on import; none of our verbs uses
-    them, so the notice is noise on every run.
-    """
-
-    def filter(self, record) -> bool:
-        return "requires torchvision (not installed); falling back to" not in record.getMessage()
-
-
-def _quiet_torchvision_fallback() -> None:
-    import logging
-
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _TorchvisionFallbackFilter) for f in logger.filters):
-        logger.addFilter(_TorchvisionFallbackFilter())
-
-
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors: ``diffusers-offload plan: error: ... (see --help)``, exit status 2."""
 
@@ -512,7 +493,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, --version and bad flags (already printed): the same status
         return exit_.code if isinstance(exit_.code, int) else 2
-    _quiet_torchvision_fallback()
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -95,6 +95,9 @@ def budget_rows(hub_id: str) -> tuple[str, list[str], str]:
 
 
 def snippet(page: ModelPage) -> str:
+    load = f'pipe = dof.OffloadPipeline.from_pretrained("{page.hub_id}", dtype=torch.bfloat16)'
+    if len(load) > 110:  # wrapped as `ruff format` wraps it (it formats the docs' Python blocks too)
+        load = f'pipe = dof.OffloadPipeline.from_pretrained(\n    "{page.hub_id}", dtype=torch.bfloat16\n)'
     output = (
         "video = pipe(prompt=prompt).frames[0]" if page.video else "image = pipe(prompt=prompt).images[0]"
     )
@@ -102,7 +105,7 @@ def snippet(page: ModelPage) -> str:
         "```python\n"
         "import torch\n\n"
         "import diffusers_offload as dof\n\n"
-        f'pipe = dof.OffloadPipeline.from_pretrained("{page.hub_id}", dtype=torch.bfloat16)\n'
+        f"{load}\n"
         'pipe.enable_offload("12GiB")  # or enable_layerwise_offload() / enable_model_offload()\n'
         'prompt = "a cat on a laptop"\n'
         f"{output}\n"

@@ -183,9 +183,11 @@ class Plan:
         "all resident"); encoders streamed beside a swapped or resident denoiser are named too."""
         denoisers = [c for c in self.components if c.role == "denoiser"]
         streamed = [c for c in self.components if c.strategy == "streamed"]
-        if any(c.strategy == "streamed" for c in denoisers):
+        if any(c.strategy == "streamed" and c.streamed_blocks for c in denoisers):
             prefetch = max(c.prefetch for c in streamed)
             return f"layer-wise streaming (prefetch {prefetch})"
+        if any(c.strategy == "streamed" for c in denoisers):
+            return "layer-wise, every denoiser block resident"
         others = [c.name for c in streamed]
         also = f", {' and '.join(others)} streamed layer-wise" if others else ""
         if any(c.strategy == "swapped" for c in self.components):

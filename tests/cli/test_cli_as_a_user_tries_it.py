@@ -195,3 +195,15 @@ def test_help_text_is_fast_enough_from_the_console_script():
     run = subprocess.run([sys.executable, "-m", "diffusers_offload", "--help"], cwd=ROOT, capture_output=True)
     assert run.returncode == 0 and b"usage: diffusers-offload" in run.stdout
     assert time.perf_counter() - start < 3  # interpreter start included; the import itself is checked above
+
+
+def test_the_torchvision_fallback_notice_is_dropped_and_nothing_else(caplog):
+    import logging
+
+    import diffusers_offload  # noqa: F401 (installs the filter on import)
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    with caplog.at_level(logging.WARNING, logger="transformers.utils.import_utils"):
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `X`")
+        logger.warning("some other notice")
+    assert [r.getMessage() for r in caplog.records] == ["some other notice"]
