@@ -30,7 +30,7 @@ def test_every_generated_page_is_up_to_date(generated):
 def test_each_model_page_lists_budgets_and_says_what_is_not_measured(generated):
     for page in write_docs.PAGES:
         text = generated[ROOT / "docs" / "models" / f"{page.slug}.md"]
-        assert f'from_pretrained("{page.hub_id}"' in text
+        assert "OffloadPipeline.from_pretrained(" in text and f'"{page.hub_id}", dtype=torch.bfloat16' in text
         assert re.search(r"^\| 12GiB \| .+ \| \d+\.\d\d GiB \|", text, flags=re.M), page.slug
         assert "Not measured on a GPU yet" in text
 

@@ -39,6 +39,16 @@ from diffusers_offload.tiny.z_image import TINY_Z_IMAGE_CALL, build_tiny_z_image
 ROOT = Path(__file__).parents[2]
 # Pages whose blocks a dedicated test runs (with assertions on each block's result).
 RUN_ELSEWHERE = {"docs/adding-a-model.md": "tests/docs/test_adding_a_model.py"}
+# Pages whose blocks are fragments about a pipeline the reader already has: what runs before them.
+PREAMBLES = {
+    "docs/troubleshooting.md": (
+        "import torch\n"
+        "import diffusers_offload as dof\n"
+        "from diffusers_offload.tiny.sd3 import build_tiny_sd3_pipeline\n"
+        "pipe = dof.attach(build_tiny_sd3_pipeline())\n"
+        "pipe.enable_layerwise_offload('cpu')\n"
+    ),
+}
 # Call arguments the tiny pipelines need small (a snippet's sizes are real-model sizes).
 SIZE_ARGUMENTS = ("num_inference_steps", "height", "width", "num_frames", "max_sequence_length")
 
@@ -127,6 +137,7 @@ def test_every_python_block_runs_as_printed(page, monkeypatch, capsys):
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)  # the same run on any machine
     fake_nextstep_code(monkeypatch)
     scope: dict[str, Any] = {"__name__": "__snippet__"}
+    exec(PREAMBLES.get(str(page.relative_to(ROOT)), ""), scope)
     for index, block in enumerate(python_blocks(page)):
         exec(compile(block, f"{page.name}[{index}]", "exec"), scope)
     # Every page's snippets end with an offloaded pipeline that has run.
