@@ -13,8 +13,12 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    import torch
 
 OFFLOAD_CHOICES = ("none", "model", "layerwise", "auto")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -79,7 +83,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)  # argparse turns the ValueError into "invalid _non_negative_int value"
+    value = int(text)  # argparse turns a ValueError into "invalid integer value: 'x'" (see __name__ below)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
     return value
@@ -116,7 +120,7 @@ def _check_size(flag: str, value: str | None) -> None:
         raise ValueError(f"{flag} {value}: {reason}") from None
 
 
-def _check_device(flag: str, device: str | None):
+def _check_device(flag: str, device: str | None) -> torch.device:
     """The torch.device for ``device`` (None: the accelerator if there is one, else the CPU, said once).
 
     Refuses a device this torch build cannot use (``--device cuda`` on a CPU-only build) in one line.
