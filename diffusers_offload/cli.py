@@ -1,11 +1,24 @@
-"""The `diffusers-offload` command line: `demo`, `plan`, `generate` and `bench`."""
+"""The `diffusers-offload` command line: `demo`, `plan`, `generate` and `bench`.
+
+Only the standard library is imported at module level (`--help` and `--version` stay fast); each verb
+imports torch, diffusers and the rest of the package when it runs. Every error is one line on stderr
+naming the flag to change, with exit status 2, and bad flags are refused before any model is built.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import __version__
+
+if TYPE_CHECKING:
+    import torch
 
 OFFLOAD_CHOICES = ("none", "model", "layerwise", "auto")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -38,13 +51,141 @@ BENCH_ROWS = (
 )
 
 
+# Flags that take a byte size: a value such as "-5GiB" must reach our own check, not argparse's
+# "expected one argument" (argparse reads a leading "-" as the start of another option).
+SIZE_FLAGS = ("--budget", "--reserve")
+# Python argument names in library messages -> the flag that sets them here.
+_FLAG_FOR_ARGUMENT = {
+    "vram_budget": "--budget",
+    "reserve": "--reserve",
+    "prefetch": "--prefetch",
+    "strategy": "--strategy",
+    "device": "--device",
+}
+
+# The planner's fixes in prose, as the flags that make them.
+_FLAG_PHRASES = {
+    "raise the budget": "raise --budget",
+    "a smaller reserve": "a smaller --reserve",
+    "lower prefetch": "lower --prefetch",
+}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``diffusers-offload plan: error: ... (see --help)``, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)  # argparse turns a ValueError into "invalid integer value: 'x'" (see __name__ below)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
+    return value
+
+
+_non_negative_int.__name__ = "integer"  # argparse names the type in "invalid integer value: 'x'"
+_positive_int.__name__ = "integer"
+
+
+def _check_size(flag: str, value: str | None) -> None:
+    """Refuse a size without a unit ("12" would be 12 bytes) and anything parse_bytes refuses."""
+    if value is None:
+        return
+    from .planning.budget import parse_bytes
+
+    text = value.strip()
+    if re.fullmatch(r"[+-]?[\d.]+(?:[eE][+-]?\d+)?", text):
+        raise ValueError(f"{flag} {value}: give a unit, e.g. {flag} {text}GiB (or {text}GB, {text}MiB)")
+    try:
+        parse_bytes(text, total=100 if text.endswith("%") else None)
+    except ValueError as error:
+        reason = str(error).split(": ", 1)[-1]
+        if reason.startswith(("expected", "unknown unit")):  # phrased for Python callers
+            reason = (
+                "not a size; write e.g. 12GiB, 7.5GB, 512MiB or 75% (GiB/MiB: powers of 1024; GB/MB: of 1000)"
+            )
+        raise ValueError(f"{flag} {value}: {reason}") from None
+
+
+def _check_device(flag: str, device: str | None) -> torch.device:
+    """The torch.device for ``device`` (None: the accelerator if there is one, else the CPU, said once).
+
+    Refuses a device this torch build cannot use (``--device cuda`` on a CPU-only build) in one line.
+    """
+    import torch
+
+    from .engine.devices import resolve_device
+
+    if device is None:
+        if torch.accelerator.is_available():
+            return resolve_device(None)
+        print("no accelerator found: running on the CPU")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"{flag} {device}: not a device torch knows (e.g. cpu, cuda, cuda:1, xpu, mps)"
+        ) from None
+    if resolved.type in ("cpu", "meta"):
+        if resolved.type == "meta":
+            raise ValueError(f"{flag} meta: the meta device holds no data; use {flag} cpu or an accelerator")
+        return resolved
+    backend = getattr(torch, resolved.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        build = torch.__version__
+        raise ValueError(
+            f"{flag} {device}: this torch build ({build}) sees no {resolved.type} device; use {flag} cpu, "
+            f"or install a torch build for {resolved.type}"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"{flag} {device}: only {_count(count, resolved.type + ' device')} visible")
+    return resolve_device(resolved)
+
+
+def _check_model_source(model: str) -> None:
+    """A path that is not a folder is reported as a missing folder, not as an unknown model id."""
+    source = Path(model)
+    looks_like_path = (
+        source.is_absolute()
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or os.sep != "/"
+        and os.sep in model
+    )
+    if source.exists() and not source.is_dir():
+        raise ValueError(
+            f"{model} is a file; MODEL_OR_DIR is a pipeline folder (with model_index.json) or a hub id"
+        )
+    if looks_like_path and not source.exists():
+        raise ValueError(
+            f"no folder {model} (MODEL_OR_DIR is a local pipeline folder or a hub id owner/name)"
+        )
+
+
 def _demo(args: argparse.Namespace) -> int:
+    device = _check_device("--device", args.device)
     from .demo import run_demo
 
-    return 0 if run_demo(args.out, device=args.device) else 1
+    return 0 if run_demo(args.out, device=str(device)) else 1
 
 
-def _default_steps(pipeline_class: str) -> int | None:
+def default_steps(pipeline_class: str) -> int | None:
     """The ``num_inference_steps`` default of a diffusers pipeline's ``__call__`` (None if it has none)."""
     import inspect
 
@@ -57,21 +198,22 @@ def _default_steps(pipeline_class: str) -> int | None:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    _check_size("--budget", args.budget)  # bad flags fail before any model is built
+    _check_size("--reserve", args.reserve)
+    _check_model_source(args.model)
     import torch
 
-    from model_registry import get_adapter
-
-    from .planning import format_bytes, measure_components, parse_bytes, plan_offload
+    from .model_registry import get_adapter
+    from .planning import format_bytes, measure_components, plan_offload
     from .planning.meta import build_meta_components
 
-    parse_bytes(args.budget)  # a bad budget string fails before any model is built
     class_name, components = build_meta_components(args.model, dtype=getattr(torch, args.dtype))
     adapter = get_adapter(class_name, components=components)
     sizes = measure_components(adapter.components(components), adapter)
     print(f"{args.model}: {class_name} (adapter {adapter.name!r}), weights in {args.dtype}")
     for size in sizes:
         params = sum(p.numel() for p in components[size.name].parameters())
-        blocks = f", {len(size.block_bytes)} blocks" if size.block_bytes else ""
+        blocks = f", {_count(len(size.block_bytes), 'block')}" if size.block_bytes else ""
         total = format_bytes(size.total_bytes)
         print(f"  {size.name:<16} {size.role:<9} {params / 1e9:7.3f} B params  {total:>11}{blocks}")
     call = {}
@@ -86,7 +228,8 @@ def _plan(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         strategy=args.strategy,
         calls_per_step=adapter.calls.per_step(call),
-        steps=args.steps if args.steps is not None else _default_steps(class_name),
+        steps=args.steps if args.steps is not None else default_steps(class_name),
+        step_unit=adapter.step_unit,
     )
     print()
     print(plan)
@@ -96,32 +239,38 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    # Every flag is checked before the pipeline is loaded (loading can take minutes).
+    _check_size("--budget", args.budget)
+    _check_size("--reserve", args.reserve)
+    _check_model_source(args.model)
+    if args.budget is not None and args.offload not in ("auto", "layerwise"):
+        raise ValueError(f"--budget applies to --offload auto or layerwise, not --offload {args.offload}")
+    source = Path(args.model)
+    if not source.is_dir() and args.model.count("/") != 1:
+        raise ValueError(f"{args.model} is neither a local folder nor a hub id (owner/name)")
+    if args.frames is not None and Path(args.out).suffix.lower() not in (".png", ".gif", ".webp"):
+        raise ValueError(f"--out {args.out}: a video is saved as an animated .png, .gif or .webp")
+    device = _check_device("--device", args.device)
+    offload = args.offload
+    if offload == "auto" and args.budget is None and device.type == "cpu":
+        # On the CPU the weights already live in host memory: offloading would only add copies.
+        print("running on the CPU: no offload (the weights already live in host memory)")
+        offload = "none"
     import torch
 
     from .pipeline import OffloadPipeline
 
-    if args.offload == "auto" and args.budget is None and args.device == "cpu":
-        raise ValueError("--offload auto on the CPU needs --budget (e.g. --budget 8GiB)")
-    if args.budget is not None and args.offload not in ("auto", "layerwise"):
-        raise ValueError("--budget applies to --offload auto or layerwise")
-    source = Path(args.model)
-    looks_like_hub_id = (
-        args.model.count("/") == 1 and not source.is_absolute() and not args.model.startswith(".")
-    )
-    if not source.is_dir() and not looks_like_hub_id:
-        raise FileNotFoundError(f"{args.model} is neither a local folder nor a hub id (owner/name)")
     dtype = getattr(torch, args.dtype)
-    if args.offload == "none":
+    if offload == "none":
         pipe = OffloadPipeline.from_pretrained(args.model, dtype=dtype)
-        if args.device is not None:
-            pipe.to(args.device)
+        pipe.to(device)
     else:
         # Offload loading: each weight read from its file straight into the offload layout.
         pipe = OffloadPipeline.from_pretrained(
             args.model,
-            offload=args.offload,
+            offload=offload,
             vram_budget=args.budget,
-            device=args.device,
+            device=device,
             prefetch=args.prefetch,
             reserve=args.reserve,
             dtype=dtype,
@@ -137,7 +286,7 @@ def _generate(args: argparse.Namespace) -> int:
     frames = getattr(output, "frames", None)
     if frames is not None:  # video pipelines (Wan, HunyuanVideo-1.5): an animated image, one frame each
         if Path(args.out).suffix.lower() not in (".png", ".gif", ".webp"):
-            raise ValueError(f"{args.out}: a video is saved as an animated .png, .gif or .webp")
+            raise ValueError(f"--out {args.out}: a video is saved as an animated .png, .gif or .webp")
         first, *rest = frames[0]
         first.save(args.out, save_all=True, append_images=rest, duration=62, loop=0)
     else:
@@ -149,12 +298,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    device = str(_check_device("--device", args.device))
     from .bench import BenchConfig, format_results, run_bench, write_json
-    from .engine.devices import resolve_device
 
-    if args.steps < 0 or args.warmup < 0:
-        raise ValueError("--steps and --warmup must be >= 0")
-    device = str(resolve_device(args.device))
     config = BenchConfig(
         model=args.model,
         device=device,
@@ -177,8 +323,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="diffusers-offload", description="Run large diffusion pipelines on small accelerators."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an error, show the full Python traceback (for bug reports)",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -209,11 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", required=True, help='device memory for weights and activations, e.g. "12GiB"'
     )
     plan.add_argument("--reserve", default="1GiB", help="kept free for activations (default: 1GiB)")
-    plan.add_argument("--prefetch", type=int, default=1, help="blocks copied ahead (default: 1)")
+    plan.add_argument(
+        "--prefetch", type=_non_negative_int, default=1, help="blocks copied ahead (default: 1)"
+    )
     plan.add_argument("--strategy", choices=("auto", "model", "layerwise"), default="auto")
     plan.add_argument(
         "--steps",
-        type=int,
+        type=_positive_int,
         default=None,
         help="denoising steps, for the bytes moved per image or video (default: the pipeline's default)",
     )
@@ -248,13 +402,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", default=None, help='device memory budget, e.g. "12GiB" (auto/layerwise)'
     )
     generate.add_argument("--reserve", default="1GiB", help="kept free for activations (default: 1GiB)")
-    generate.add_argument("--prefetch", type=int, default=1)
-    generate.add_argument("--device", default=None, help="execution device (default: the accelerator)")
+    generate.add_argument(
+        "--prefetch", type=_non_negative_int, default=1, help="blocks copied ahead (default: 1)"
+    )
+    generate.add_argument(
+        "--device",
+        default=None,
+        help="execution device (default: the accelerator, else the CPU without offload)",
+    )
     generate.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
-    generate.add_argument("--height", type=int, default=None)
-    generate.add_argument("--width", type=int, default=None)
-    generate.add_argument("--frames", type=int, default=None, help="video frames (default: the pipeline's)")
+    generate.add_argument(
+        "--steps", type=_positive_int, default=None, help="denoising steps (default: the pipeline's)"
+    )
+    generate.add_argument("--height", type=_positive_int, default=None)
+    generate.add_argument("--width", type=_positive_int, default=None)
+    generate.add_argument(
+        "--frames", type=_positive_int, default=None, help="video frames (default: the pipeline's)"
+    )
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--out", default="image.png")
     generate.set_defaults(run=_generate)
@@ -270,8 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--model", required=True, help=f"model to build: {', '.join(BENCH_MODELS)}")
     bench.add_argument("--device", default=None, help="execution device (default: the accelerator, else cpu)")
-    bench.add_argument("--steps", type=int, default=5, help="timed denoising steps per row (default: 5)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
+    bench.add_argument(
+        "--steps", type=_non_negative_int, default=5, help="timed denoising steps per row (default: 5)"
+    )
+    bench.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed steps first (default: 1)")
     bench.add_argument(
         "--rows",
         default=None,
@@ -298,14 +464,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_size_values(argv: list[str]) -> list[str]:
+    """``--budget -5GiB`` -> ``--budget=-5GiB``, so the size check (not argparse) answers it."""
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        if argv[index] in SIZE_FLAGS and index + 1 < len(argv) and argv[index + 1].startswith("-"):
+            if not argv[index + 1].startswith("--"):
+                joined.append(f"{argv[index]}={argv[index + 1]}")
+                index += 2
+                continue
+        joined.append(argv[index])
+        index += 1
+    return joined
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line, with Python argument names replaced by the flags that set them."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = " ".join(lines) or type(error).__name__
+    for argument, flag in _FLAG_FOR_ARGUMENT.items():
+        message = re.sub(rf"(?<![\w-]){argument}=(['\"]?)([\w.%-]+)\1", rf"{flag} \2", message)
+    for phrase, flagged in _FLAG_PHRASES.items():
+        message = message.replace(phrase, flagged)
+    # A bare identifier only where it cannot be an English word ("reserve" and "device" are).
+    return re.sub(r"(?<![\w.-])vram_budget(?![\w(])", "--budget", message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = _join_size_values(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and bad flags (already printed): the same status
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return args.run(args)
-    except (ValueError, RuntimeError, FileNotFoundError, OSError) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        message = " ".join(lines) or type(error).__name__
-        print(f"diffusers-offload {args.verb}: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"diffusers-offload {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.traceback:
+            raise
+        kind = "" if isinstance(error, (ValueError, RuntimeError, OSError)) else f"{type(error).__name__}: "
+        print(f"diffusers-offload {args.verb}: error: {kind}{_one_line(error)}", file=sys.stderr)
         return 2
 
 

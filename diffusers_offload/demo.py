@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .pipeline import attach
+from .planning import format_bytes
 from .planning.tables import format_table
 from .tiny.sd3 import TINY_SD3_CALL, build_tiny_sd3_pipeline
 
@@ -49,10 +50,8 @@ def _run(pipe, out: str | Path, device: str | None, prompt: str) -> bool:
         seconds = time.perf_counter() - start
         if reference is None:
             reference = images
-        host = handle.host_bytes / 2**20 if handle else 0.0
-        rows.append(
-            (strategy, f"{seconds * 1000:.0f} ms", f"{host:.2f} MiB", str(torch.equal(images, reference)))
-        )
+        host = format_bytes(handle.host_bytes) if handle else "-"
+        rows.append((strategy, f"{seconds * 1000:.0f} ms", host, str(torch.equal(images, reference))))
         if handle is not None:
             pipe.disable_offload()
     print(format_table(("strategy", "time", "host copy", "bitwise = none"), rows))

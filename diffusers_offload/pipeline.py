@@ -8,13 +8,12 @@ from typing import Any
 
 import torch
 
-from model_registry import ModelAdapter, get_adapter, pipeline_modules
-
 from .engine import OffloadHandle, Placement, apply_placements
 from .engine.devices import is_accelerator, resolve_device
 from .engine.hooks import wrap_weight_editor
 from .engine.loading import CheckpointWeights, ReadInto, pread_into
 from .engine.transfer import Copier
+from .model_registry import ModelAdapter, get_adapter, pipeline_modules
 from .planning import DEFAULT_RESERVE, Plan, measure_components, parse_bytes, plan_offload
 from .report import OffloadReport, build_report
 
@@ -135,7 +134,13 @@ def plan_for_pipeline(
     # With the call's defaults (a guider's state is read from the pipeline): the traffic the plan reports.
     calls = adapter.calls.per_step(pipe=pipe)
     return plan_offload(
-        sizes, budget, reserve=reserve, prefetch=prefetch, strategy=strategy, calls_per_step=calls
+        sizes,
+        budget,
+        reserve=reserve,
+        prefetch=prefetch,
+        strategy=strategy,
+        calls_per_step=calls,
+        step_unit=adapter.step_unit,
     )
 
 

@@ -29,7 +29,7 @@ class ComponentReport:
     on_demand_loads: int  # streamed blocks that were not prefetched in time
 
 
-_HEADERS = ("component", "strategy", "host", "on device", "device held", "blocks str/res", "loads", "moved")
+_HEADERS = ("component", "strategy", "host", "on device", "device held", "blocks res/str", "loads", "moved")
 _TIMELINE_HEADERS = ("block", "calls", "copy ms", "compute ms", "stall ms")
 
 
@@ -77,7 +77,8 @@ class OffloadReport:
     def _rows(self) -> list[tuple[str, ...]]:
         rows = []
         for c in self.components:
-            blocks = f"{c.blocks_streamed}/{c.blocks_resident}" if c.strategy == "streamed" else "-"
+            # resident/streamed, in the same order as the plan's column
+            blocks = f"{c.blocks_resident}/{c.blocks_streamed}" if c.strategy == "streamed" else "-"
             rows.append(
                 (
                     c.name,

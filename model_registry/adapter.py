@@ -114,6 +114,9 @@ class ModelAdapter:
     experts: tuple[str, ...] = ()
     # Denoiser calls per denoising step, from the call's guidance arguments (CFG as a separate call).
     calls: DenoiserCalls = ONE_CALL
+    # What one "step" of the denoiser's loop is, for reported traffic: an autoregressive model (NextStep)
+    # runs its LLM once per generated image token, not once per denoising step.
+    step_unit: str = "denoising step"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -85,7 +85,7 @@ def _example(
     encoder_lines = "".join(f'        "{e}": (),  # or the dotted path of its layer list\n' for e in encoders)
     return (
         "Register an adapter for it, e.g.:\n\n"
-        "    from model_registry import ModelAdapter, register_adapter\n\n"
+        "    from diffusers_offload.model_registry import ModelAdapter, register_adapter\n\n"
         "    register_adapter(ModelAdapter(\n"
         f'        name="{pipeline_class.lower()}",\n'
         f'        pipeline_classes=("{pipeline_class}",),\n'

@@ -31,6 +31,7 @@ NEXTSTEP = register_adapter(
         # NextStep-1's pipeline indexes model.gen_pos_embed directly, outside any method of the model.
         resident_tensors={"model": ("gen_pos_embed",)},
         prefer_resident_blocks=True,
+        step_unit="image token",
         notes=(
             "Autoregressive: every image token runs forward_model through all 48 decoder layers with a KV "
             "cache, so layer-wise streaming moves the whole LLM (about 26 GB in bf16) once per token "

@@ -15,19 +15,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-OURS = ("diffusers_offload", "model_registry")
+OURS = ("diffusers_offload",)
+# The repository's top-level model_registry/ folder is installed as diffusers_offload.model_registry.
+REGISTRY = "diffusers_offload.model_registry"
 
 # Layer -> (modules of this project it may import besides its own, third-party packages it may import;
 # None: any). The longest matching prefix names a module's layer; the bare package is the surface.
 LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]] = {
-    "model_registry": ((), ("torch",)),
+    REGISTRY: ((), ("torch",)),
     "diffusers_offload.tiny": ((), ("torch", "diffusers", "transformers", "tokenizers")),
     "diffusers_offload.engine": ((), ("torch", "diffusers.hooks")),
-    "diffusers_offload.planning": (("diffusers_offload.engine.blocks", "model_registry"), None),
+    "diffusers_offload.planning": (("diffusers_offload.engine.blocks", REGISTRY), None),
     "diffusers_offload": (OURS, None),
 }
 # What stays at the top of the package: the user-facing surface, and the subpackages.
-TOP_LEVEL = {"__init__", "pipeline", "loader", "report", "cli", "demo", "bench", "engine", "planning", "tiny"}
+TOP_LEVEL = {
+    "__init__",
+    "__main__",
+    "pipeline",
+    "loader",
+    "report",
+    "cli",
+    "demo",
+    "bench",
+    "engine",
+    "planning",
+    "tiny",
+}
 SUBPACKAGES = (
     "diffusers_offload/engine",
     "diffusers_offload/planning",
@@ -38,11 +52,14 @@ SUBPACKAGES = (
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[0] == "model_registry":
+        parts = ("diffusers_offload", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def all_modules() -> dict[str, Path]:
-    return {module_name(p): p for package in OURS for p in sorted((ROOT / package).rglob("*.py"))}
+    folders = ("diffusers_offload", "model_registry")
+    return {module_name(p): p for folder in folders for p in sorted((ROOT / folder).rglob("*.py"))}
 
 
 def within(module: str, prefixes: tuple[str, ...]) -> bool:
@@ -117,8 +134,8 @@ def test_the_walk_sees_every_layer_and_its_real_imports():
     assert {
         ("diffusers_offload", "diffusers_offload.engine"),
         ("diffusers_offload", "diffusers_offload.planning"),
-        ("diffusers_offload", "model_registry"),
-        ("diffusers_offload.planning", "model_registry"),
+        ("diffusers_offload", REGISTRY),
+        ("diffusers_offload.planning", REGISTRY),
         ("diffusers_offload.planning", "diffusers_offload.engine"),
     } <= edges
 
@@ -128,11 +145,13 @@ def test_the_walk_sees_every_layer_and_its_real_imports():
     [
         ("diffusers_offload.engine.ring", "from ..planning import plan_offload\n"),
         ("diffusers_offload.engine.ring", "def f():\n    from diffusers_offload.pipeline import attach\n"),
-        ("diffusers_offload.engine.ring", "import model_registry\n"),
+        ("diffusers_offload.engine.ring", "import diffusers_offload.model_registry\n"),
+        ("diffusers_offload.engine.ring", "from .. import model_registry\n"),
         ("diffusers_offload.engine.ring", "from transformers import AutoModel\n"),
         ("diffusers_offload.planning.sizing", "from ..engine.hooks import register_hook\n"),
         ("diffusers_offload.planning.sizing", "from ..report import build_report\n"),
-        ("model_registry.sd3", "from diffusers_offload.engine import Placement\n"),
+        ("diffusers_offload.model_registry.sd3", "from diffusers_offload.engine import Placement\n"),
+        ("diffusers_offload.model_registry.sd3", "from ..engine import Placement\n"),
         ("diffusers_offload.tiny.sd3", "from diffusers_offload.pipeline import attach\n"),
     ],
 )

@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 
-from model_registry import get_adapter, pipeline_modules
-
 from ..engine.blocks import resolve_blocks
 from ..engine.devices import is_accelerator, resolve_device
+from ..model_registry import get_adapter, pipeline_modules
 from ..planning import DEFAULT_RESERVE, format_bytes
 from ..planning.tables import format_table
 from ..report import build_report

@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from model_registry import get_adapter, pipeline_modules
-
 from ..engine.loading import CheckpointWeights
 from ..loader import build_model_without_weights
+from ..model_registry import get_adapter, pipeline_modules
 from ..planning.meta import build_components, quiet_libraries
 
 Inputs = list[dict[str, Any]]  # one kwargs dict per transformer call of a step

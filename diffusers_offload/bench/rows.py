@@ -43,7 +43,7 @@ def _none(pipe: Any, ctx: RowContext) -> Undo:
 def _read_every_page(pipe: Any, ctx: RowContext) -> Undo:
     """Touches every page of every weight, so that a lazily mapped `from_pretrained` has read its bytes:
     the cold-start reference that offload loading is compared with."""
-    from model_registry import pipeline_modules
+    from ..model_registry import pipeline_modules
 
     page = 4096
     for module in pipeline_modules(pipe).values():

@@ -83,19 +83,26 @@ def parse_bytes(value: int | float | str, *, total: int | None = None) -> int:
 _FORMAT_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
-def format_bytes(n: int | float) -> str:
-    """Format a byte count with binary units and two decimals: ``format_bytes(3.25 * 2**30) == "3.25 GiB"``.
+def format_bytes(n: int | float, *, round_up: bool = False) -> str:
+    """Format a byte count in the binary unit that fits, with two decimals: B, KiB, MiB, GiB, TiB, PiB.
 
-    Counts below 1 KiB are printed as whole bytes ("512 B").
+    ``format_bytes(3.25 * 2**30) == "3.25 GiB"``, ``format_bytes(1536) == "1.50 KiB"``; counts below
+    1 KiB are whole bytes ("512 B"). ``round_up=True`` rounds the last decimal up instead of to nearest,
+    for minimums ("needs at least ..."): a budget of the printed size is then really enough.
     """
     sign = "-" if n < 0 else ""
     size = abs(n)
     if size < 1024:
-        return f"{sign}{int(size)} B"
+        return f"{sign}{math.ceil(size) if round_up else int(size)} B"
     exponent = 0
-    scaled = float(size)
-    # Move to the next unit when rounding to two decimals would print "1024.00 MiB".
-    while exponent < len(_FORMAT_UNITS) - 1 and round(scaled, 2) >= 1024:
+    scaled = Fraction(size) if isinstance(size, int) else Fraction(float(size))
+
+    def shown(value: Fraction) -> Fraction:
+        hundredths = value * 100
+        return Fraction(math.ceil(hundredths) if round_up else round(hundredths), 100)
+
+    # Move to the next unit when the two decimals would print "1024.00 MiB".
+    while exponent < len(_FORMAT_UNITS) - 1 and shown(scaled) >= 1024:
         scaled /= 1024
         exponent += 1
-    return f"{sign}{scaled:.2f} {_FORMAT_UNITS[exponent]}"
+    return f"{sign}{float(shown(scaled)):.2f} {_FORMAT_UNITS[exponent]}"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import model_registry
+from .. import model_registry
 
 CONFIGS_DIR = Path(model_registry.__file__).parent / "configs"
 

@@ -47,7 +47,6 @@ Rules where a choice had to be made:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -64,7 +63,6 @@ DEFAULT_RESERVE = "1GiB"
 
 # Above this many candidates the resident-set search is greedy instead of exhaustive (2**12 subsets).
 _EXACT_SEARCH_LIMIT = 12
-_GIB = 1 << 30
 
 
 class ComponentSizesLike(Protocol):
@@ -116,6 +114,7 @@ class Plan:
     calls_per_step: int = 1  # denoiser calls per denoising step (2 with CFG as a separate call)
     steps: int | None = None  # denoising steps of one pipeline call, when known
     bytes_loaded_per_image: int = 0  # one-time loads of one pipeline call (see the module docstring)
+    step_unit: str = "denoising step"  # what one step of the denoiser loop is ("image token" for NextStep)
 
     @property
     def bytes_moved_per_image(self) -> int | None:
@@ -133,7 +132,16 @@ class Plan:
         raise KeyError(f"no component named {name!r} in this plan (components: {known})")
 
     def __str__(self) -> str:
-        headers = ("component", "role", "strategy", "blocks res/str", "on device", "moved/call", "moved/step")
+        per = self.step_unit.split()[-1]
+        headers = (
+            "component",
+            "role",
+            "strategy",
+            "blocks res/str",
+            "on device",
+            "moved/call",
+            f"moved/{per}",
+        )
         rows = []
         for comp in self.components:
             if comp.strategy == "streamed":
@@ -159,9 +167,9 @@ class Plan:
         out = [format_table(headers, rows, right=(False, False, False, True, True, True, True))]
         calls = f" ({self.calls_per_step} denoiser calls)" if self.calls_per_step != 1 else ""
         out.append(
-            f"{self._mode()}: peak {format_bytes(self.peak_device_bytes)}"
+            f"{self.title}: peak {format_bytes(self.peak_device_bytes)}"
             f" of {format_bytes(self.budget_bytes)} budget (reserve {format_bytes(self.reserve_bytes)}),"
-            f" {format_bytes(self.bytes_moved_per_step)} moved per denoising step{calls}"
+            f" {format_bytes(self.bytes_moved_per_step)} moved per {self.step_unit}{calls}"
         )
         if self.steps is not None:
             out.append(
@@ -169,14 +177,22 @@ class Plan:
             )
         return "\n".join(out)
 
-    def _mode(self) -> str:
-        strategies = {c.strategy for c in self.components}
-        if "streamed" in strategies:
-            prefetch = max(c.prefetch for c in self.components if c.strategy == "streamed")
+    @property
+    def title(self) -> str:
+        """What the plan does, named after the denoiser ("layer-wise streaming (prefetch 1)", "model swap",
+        "all resident"); encoders streamed beside a swapped or resident denoiser are named too."""
+        denoisers = [c for c in self.components if c.role == "denoiser"]
+        streamed = [c for c in self.components if c.strategy == "streamed"]
+        if any(c.strategy == "streamed" and c.streamed_blocks for c in denoisers):
+            prefetch = max(c.prefetch for c in streamed)
             return f"layer-wise streaming (prefetch {prefetch})"
-        if "swapped" in strategies:
-            return "model swap"
-        return "all resident"
+        if any(c.strategy == "streamed" for c in denoisers):
+            return "layer-wise, every denoiser block resident"
+        others = [c.name for c in streamed]
+        also = f", {' and '.join(others)} streamed layer-wise" if others else ""
+        if any(c.strategy == "swapped" for c in self.components):
+            return f"model swap{also}"
+        return f"all resident{also}"
 
 
 @dataclass(frozen=True)
@@ -286,15 +302,6 @@ def _choose_resident(candidates: list[_Comp], fixed_active: list[int], capacity:
     return {c.name for c, keep in zip(candidates, best) if keep}
 
 
-def _gib_at_least(n: int) -> str:
-    """n in GiB rounded up, so a budget of the printed size is really enough."""
-    return f"{math.ceil(max(n, 0) * 100 / _GIB) / 100:.2f} GiB"
-
-
-def _gib(n: int) -> str:
-    return f"{n / _GIB:.2f} GiB"
-
-
 def _normalise(components: Sequence[ComponentSizesLike]) -> list[_Comp]:
     if not components:
         raise ValueError("plan_offload needs at least one component")
@@ -329,10 +336,11 @@ def _too_small(
     minimum = need + reserve
     if layout is not None and layout.streamed:
         kept = sum(comp.blocks[i] for i in layout.resident)
+        resident = f" + {len(layout.resident)} resident block(s) of {format_bytes(kept)}"
         why = (
-            f"non-block part {_gib(comp.other)}"
-            + (f" + {len(layout.resident)} resident block(s) of {_gib(kept)}" if layout.resident else "")
-            + f" + a ring of {layout.slots} x {_gib(layout.slot_bytes)} (largest streamed block)"
+            f"non-block part {format_bytes(comp.other)}"
+            + (resident if layout.resident else "")
+            + f" + a ring of {layout.slots} x {format_bytes(layout.slot_bytes)} (largest streamed block)"
         )
     elif comp.blocks and forced_model:
         why = "the whole component, since strategy='model' cannot stream its blocks"
@@ -340,17 +348,19 @@ def _too_small(
         why = "the whole component, which has no streamable blocks"
     else:
         why = "the whole component"
-    fixes = [f"raise the budget to at least {_gib_at_least(minimum)}"]
+    at_least = format_bytes(max(minimum, 0), round_up=True)
+    fixes = [f"raise the budget to at least {at_least}"]
     if reserve:
-        fixes.append(f"use a smaller reserve (now {_gib(reserve)})")
+        fixes.append(f"use a smaller reserve (now {format_bytes(reserve)})")
     if layout is not None and layout.slots > 1:
         fixes.append(f"lower prefetch (now {prefetch}; 0 keeps a single block slot)")
     if forced_model and comp.blocks:
         fixes.append("use strategy='auto' or 'layerwise' to stream its blocks")
     return ValueError(
-        f"budget {_gib(budget)} ({budget} bytes) cannot hold this pipeline: it needs at least "
-        f"{_gib_at_least(minimum)} ({minimum} bytes). Component {comp.name!r} needs {_gib(need)} on the "
-        f"device while it runs ({why}), plus a reserve of {_gib(reserve)}. To fit: {', or '.join(fixes)}."
+        f"budget {format_bytes(budget)} ({budget} bytes) cannot hold this pipeline: it needs at least "
+        f"{at_least} ({minimum} bytes). Component {comp.name!r} needs {format_bytes(need)} on the "
+        f"device while it runs ({why}), plus a reserve of {format_bytes(reserve)}. "
+        f"To fit: {', or '.join(fixes)}."
     )
 
 
@@ -364,6 +374,7 @@ def plan_offload(
     device_total: int | None = None,
     calls_per_step: int = 1,
     steps: int | None = None,
+    step_unit: str = "denoising step",
 ) -> Plan:
     """Place every component so the predicted device peak (weights + reserve) stays within ``budget``.
 
@@ -371,7 +382,8 @@ def plan_offload(
     ``device_total`` and a percentage reserve of the budget. ``strategy`` is "auto", "model" (swap every
     component whole) or "layerwise" (stream the denoiser). Raises ValueError when the budget cannot hold
     the minimum, naming it in GiB and the ways to get there. ``calls_per_step`` (denoiser calls per
-    denoising step) and ``steps`` only scale the reported traffic; they do not change the placement.
+    denoising step) and ``steps`` only scale the reported traffic; they do not change the placement;
+    ``step_unit`` names the step in the printed plan ("image token" for an autoregressive denoiser).
     See the module docstring for the rules.
     """
     if strategy not in STRATEGIES:
@@ -479,4 +491,5 @@ def plan_offload(
         calls_per_step=calls_per_step,
         steps=steps,
         bytes_loaded_per_image=once,
+        step_unit=step_unit,
     )

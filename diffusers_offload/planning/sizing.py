@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model_registry import ModelAdapter
+from ..model_registry import ModelAdapter
 
 _OTHER = -1  # bucket for the non-block remainder
 _HOST = -2  # bucket for host-only submodules

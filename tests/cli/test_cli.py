@@ -49,19 +49,15 @@ def test_plan_bad_inputs(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown model" in err
     assert main(["plan", "sd35-medium", "--budget", "twelve"]) == 2
-    assert "invalid byte size" in capsys.readouterr().err
+    assert "--budget twelve: not a size; write e.g. 12GiB" in capsys.readouterr().err
     assert main(["plan", "sd35-medium", "--budget", "1GiB"]) == 2
     assert "at least" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["plan", "sd35-medium"])  # --budget is required
-    assert exit_info.value.code == 2
+    assert main(["plan", "sd35-medium"]) == 2  # --budget is required
 
 
 @pytest.mark.parametrize("verb", ["demo", "plan", "generate"])
 def test_help_for_each_verb(verb, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([verb, "--help"])
-    assert exit_info.value.code == 0
+    assert main([verb, "--help"]) == 0
     assert f"usage: diffusers-offload {verb}" in capsys.readouterr().out
 
 
@@ -94,10 +90,8 @@ def test_generate_from_a_local_folder(saved_pipeline, tmp_path, capsys, monkeypa
 
 def test_generate_bad_inputs(saved_pipeline, tmp_path, capsys):
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
-    assert "neither a local folder" in capsys.readouterr().err
+    assert "error: no folder " in capsys.readouterr().err
     args = ["generate", str(saved_pipeline), "--prompt", "x", "--device", "cpu", "--dtype", "float32"]
-    assert main([*args, "--offload", "auto"]) == 2
-    assert "--budget" in capsys.readouterr().err
     assert main([*args, "--offload", "model", "--budget", "1GiB"]) == 2
     assert "--budget applies" in capsys.readouterr().err
 

@@ -8,9 +8,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from diffusers_offload.model_registry import get_adapter, lookup_adapter, register_adapter, unregister_adapter
 from diffusers_offload.tiny._tokenizers import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
 from diffusers_offload.tiny.z_image import build_tiny_flux_vae
-from model_registry import get_adapter, lookup_adapter, register_adapter, unregister_adapter
 
 DOC = Path(__file__).parents[2] / "docs" / "adding-a-model.md"
 

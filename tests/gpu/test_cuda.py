@@ -10,12 +10,12 @@ import torch
 
 import diffusers_offload as dof
 from diffusers_offload.bench.models import MODELS, build_pipeline
+from diffusers_offload.model_registry import get_adapter
 from diffusers_offload.planning.sizing import measure_components
 from diffusers_offload.report import build_report
 from diffusers_offload.tiny.qwen_image import TINY_QWEN_IMAGE_CALL
 from diffusers_offload.tiny.sd3 import TINY_SD3_CALL
 from diffusers_offload.tiny.z_image import TINY_Z_IMAGE_CALL
-from model_registry import get_adapter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

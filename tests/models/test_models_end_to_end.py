@@ -12,6 +12,7 @@ from offload_probes import on_every_leaf_forward
 
 import diffusers_offload as dof
 from diffusers_offload.engine.packing import is_placeholder
+from diffusers_offload.model_registry import get_adapter, pipeline_modules
 from diffusers_offload.tiny.flux import TINY_FLUX_CALL, build_tiny_flux_pipeline
 from diffusers_offload.tiny.flux2 import TINY_FLUX2_CALL, build_tiny_flux2_pipeline
 from diffusers_offload.tiny.hunyuan_video15 import (
@@ -26,7 +27,6 @@ from diffusers_offload.tiny.qwen_image import TINY_QWEN_IMAGE_CALL, build_tiny_q
 from diffusers_offload.tiny.sd3 import TINY_SD3_CALL, build_tiny_sd3_pipeline
 from diffusers_offload.tiny.wan import TINY_WAN_CALL, build_tiny_wan_pipeline
 from diffusers_offload.tiny.z_image import TINY_Z_IMAGE_CALL, build_tiny_z_image_pipeline
-from model_registry import get_adapter, pipeline_modules
 
 
 @dataclass

@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-import model_registry
-from diffusers_offload.planning.meta import build_meta_components
-from model_registry import (
+import diffusers_offload.model_registry as model_registry
+from diffusers_offload.model_registry import (
     ModelAdapter,
     generic_adapter,
     get_adapter,
@@ -21,6 +20,7 @@ from model_registry import (
     register_adapter,
     unregister_adapter,
 )
+from diffusers_offload.planning.meta import build_meta_components
 
 
 @functools.cache
@@ -221,7 +221,7 @@ def test_generic_error_shows_a_register_example():
     assert "register_adapter(ModelAdapter(" in message
     assert 'pipeline_classes=("WeirdPipeline",)' in message and '"text_encoder_2": ()' in message
     # the example is valid Python once the placeholder path is filled in
-    example = message[message.index("    from model_registry") :]
+    example = message[message.index("    from diffusers_offload.model_registry") :]
     compile(textwrap.dedent(example), "<example>", "exec")
 
     with pytest.raises(ValueError, match="no denoiser found"):
@@ -466,7 +466,7 @@ def test_declared_block_order_is_the_forward_call_order(case):
 
 
 def test_denoiser_calls_and_experts_are_validated():
-    from model_registry import DenoiserCalls
+    from diffusers_offload.model_registry import DenoiserCalls
 
     with pytest.raises(ValueError, match="not both"):
         DenoiserCalls("guidance_scale", guider="guider")

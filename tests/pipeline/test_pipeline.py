@@ -288,3 +288,20 @@ def test_moving_or_casting_a_component_while_offloaded_is_refused(pipe, referenc
     pipe.disable_offload()
     pipe.vae.to(torch.float64)  # an ordinary module again
     assert pipe.vae.dtype == torch.float64
+
+
+def test_loaded_from_disk_in_bfloat16_is_bitwise_equal(tmp_path):
+    # The condition docs/index.md states: a cast at load copies every weight, so packing changes nothing.
+    build_tiny_sd3_pipeline().save_pretrained(tmp_path)
+    pipe = dof.OffloadPipeline.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+
+    def run():
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a cat", **TINY_SD3_CALL, generator=generator, output_type="pt").images
+
+    reference = run()
+    pipe.enable_layerwise_offload("cpu")
+    assert torch.equal(run(), reference)
+    pipe.disable_offload()
+    pipe.enable_model_offload("cpu")
+    assert torch.equal(run(), reference)

@@ -6,9 +6,9 @@ from quantizers import quantize_quanto, quantize_torchao
 
 import diffusers_offload as dof
 from diffusers_offload.engine.packing import storage_leaves
+from diffusers_offload.model_registry import get_adapter
 from diffusers_offload.planning import measure_components
 from diffusers_offload.tiny.sd3 import TINY_SD3_CALL, build_tiny_sd3_pipeline
-from model_registry import get_adapter
 
 
 def generate(pipe):

@@ -123,3 +123,10 @@ def test_format_bytes(n: int, expected: str) -> None:
 def test_format_then_parse_round_trips_within_rounding(n: int) -> None:
     back = parse_bytes(format_bytes(n).replace(" ", ""))
     assert math.isclose(back, n, rel_tol=0.005)
+
+
+def test_format_bytes_rounds_minimums_up() -> None:
+    assert format_bytes(650_000) == "634.77 KiB"  # 634.765625
+    assert format_bytes(1025, round_up=True) == "1.01 KiB"
+    assert format_bytes(1025) == "1.00 KiB"
+    assert format_bytes(2**30 - 1, round_up=True) == "1.00 GiB"

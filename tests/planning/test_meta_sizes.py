@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from diffusers_offload.model_registry import ModelAdapter, get_adapter
 from diffusers_offload.planning.meta import SHIPPED_MODELS, build_meta_components, shipped_config_dir
 from diffusers_offload.planning.sizing import ComponentSizes, measure_components
-from model_registry import ModelAdapter, get_adapter
 
 
 @functools.cache

@@ -484,3 +484,29 @@ def test_calls_per_step_multiply_a_step_and_experts_count_once() -> None:
             plan_offload(PIPE, 12 * GB, calls_per_step=bad)
     with pytest.raises(ValueError, match="steps"):
         plan_offload(PIPE, 12 * GB, steps=0)
+
+
+def test_the_plan_is_titled_after_what_the_denoiser_does() -> None:
+    # The DiT has no blocks, so it can only be swapped; the encoder does not fit whole and is streamed.
+    dit = Sizes("transformer", "denoiser", (), 5 * GB)
+    encoder = Sizes("text_encoder", "encoder", (GB,) * 10, GB // 2)
+    plan = plan_offload([dit, encoder], 7 * GB, reserve=0)
+    assert [c.strategy for c in plan.components] == ["swapped", "streamed"]
+    summary = str(plan).splitlines()[-1]
+    assert summary.startswith("model swap, text_encoder streamed layer-wise: peak")
+    assert str(plan_offload(PIPE, 200 * GB, reserve=0)).splitlines()[-1].startswith("all resident: peak")
+
+
+def test_an_autoregressive_plan_reports_traffic_per_image_token() -> None:
+    plan = plan_offload([DIT, VAE], 12 * GB, reserve=0, step_unit="image token")
+    text = str(plan)
+    assert "moved/token" in text.splitlines()[0] and "moved per image token" in text
+    assert "denoising step" not in text
+
+
+def test_small_sizes_print_in_a_unit_that_fits() -> None:
+    tiny = [Sizes("transformer", "denoiser", (300_000,) * 4, 50_000), Sizes("vae", "vae", (), 20_000)]
+    text = str(plan_offload(tiny, "1MiB", reserve=0))
+    assert "0.00 GiB" not in text and "KiB" in text
+    with pytest.raises(ValueError, match=r"at least 634\.77 KiB \(650000 bytes\)"):
+        plan_offload(tiny, "10KiB", reserve=0)
