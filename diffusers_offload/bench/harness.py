@@ -22,8 +22,8 @@ import torch
 
 from ..engine.blocks import resolve_blocks
 from ..engine.devices import is_accelerator, resolve_device
-from ..model_registry import get_adapter, pipeline_modules
-from ..planning import DEFAULT_RESERVE, format_bytes
+from ..model_registry import get_adapter
+from ..planning import DEFAULT_RESERVE, format_bytes, measure_components
 from ..planning.tables import format_table
 from ..report import build_report
 from .measure import (
@@ -32,7 +32,6 @@ from .measure import (
     flatten_tensors,
     h2d_bandwidth,
     host_rss_bytes,
-    module_bytes,
     peak_rss_bytes,
     reset_peak_rss,
     synchronize,
@@ -144,10 +143,11 @@ def _measure_row(config: BenchConfig, name: str, result: RowResult) -> None:
         into_offload=row.into_offload,
     )
     pipe.to("cpu" if row.offloads else device)
-    modules = pipeline_modules(pipe)
     adapter = get_adapter(pipe)
-    dit = modules[adapter.denoiser]
-    result.model_bytes = module_bytes(modules)
+    dit = getattr(pipe, adapter.denoiser)
+    # The planner's sizes: every tensor once, quantized ones by the bytes they hold.
+    sizes = {size.name: size.total_bytes for size in measure_components(adapter.components(pipe), adapter)}
+    result.model_bytes = sum(sizes.values())
     inputs = spec.make_inputs(dit, height, width, spec, device, dtype)
     result.block_calls_per_step = len(resolve_blocks(dit, adapter.block_lists)) * len(inputs)
     encoder_inputs = text_encoder_inputs(pipe, device)
@@ -160,7 +160,7 @@ def _measure_row(config: BenchConfig, name: str, result: RowResult) -> None:
     started = time.perf_counter()
     # Tiny activations are a few KiB: the default 1 GiB reserve would not fit half of a tiny DiT.
     reserve = 0 if spec.source == "tiny" else DEFAULT_RESERVE
-    undo = row.apply(pipe, RowContext(device, module_bytes({"dit": dit}), reserve))
+    undo = row.apply(pipe, RowContext(device, sizes[adapter.denoiser], reserve))
     synchronize(device)
     result.enable_s = time.perf_counter() - started
     rss_peak = max(rss_peak, host_rss_bytes())
@@ -365,10 +365,15 @@ def format_results(config: BenchConfig, results: list[RowResult]) -> str:
     return text + ("\nfailed rows:\n" + "\n".join(failures) if failures else "")
 
 
+def _device_name(device: torch.device) -> str:
+    """The card's name on CUDA (what benchmarks.md records), else the device type."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def describe_run(config: BenchConfig, results: list[RowResult]) -> str:
     spec = get_model(config.model)
     device = resolve_device(config.device)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    card = _device_name(device)
     none = results[0]
     floors = []
     if none.bandwidth:
@@ -390,7 +395,7 @@ def write_json(path: str | os.PathLike, config: BenchConfig, results: list[RowRe
     device = resolve_device(config.device)
     meta = {
         "config": asdict(config),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "device": _device_name(device),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "summary": describe_run(config, results),

@@ -63,18 +63,6 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
-def module_bytes(modules: dict[str, torch.nn.Module]) -> int:
-    """Bytes of every parameter and buffer (each once)."""
-    seen: set[int] = set()
-    total = 0
-    for module in modules.values():
-        for tensor in (*module.parameters(), *module.buffers()):
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes per second of a copy from page-locked host memory to `device` (the CPU: host memcpy)."""
     pin = is_accelerator(device)

@@ -123,14 +123,8 @@ def test_cache_and_offload_in_any_order(cached, base_images, offload_first, remo
         pipe.transformer.enable_cache(CACHES[name](pipe))
         handle = pipe.enable_layerwise_offload("cpu")
     assert torch.equal(generate(pipe, name), cached_image)
-    # Blocks the cache skips are not streamed, in either order: no more loads than blocks computed, but
-    # for the one block the ring copies ahead (prefetch=1) of the last block computed.
     assert len(computed) == computed_without_offload
-    ring = handle.components["transformer"].ring
-    assert ring.loads <= len(computed) + 1
-    # The ring learnt that the cached blocks do not run: the computed ones were prefetched, not loaded on
-    # demand (once the first calls showed the order).
-    assert ring.on_demand_loads <= 2
+    assert_streams_only_computed_blocks(handle, computed)
 
     if remove_offload_first:
         pipe.disable_offload()
@@ -150,6 +144,16 @@ def test_cache_and_offload_in_any_order(cached, base_images, offload_first, remo
     assert torch.equal(generate(pipe, name), cached_image)
     pipe.transformer.disable_cache()
     assert torch.equal(generate(pipe, name), base_image)
+
+
+def assert_streams_only_computed_blocks(handle, computed):
+    # Blocks the cache skips are not streamed, in either order: no more loads than blocks computed, but
+    # for the one block the ring copies ahead (prefetch=1) of the last block computed.
+    ring = handle.components["transformer"].ring
+    assert ring.loads <= len(computed) + 1
+    # The ring learnt that the cached blocks do not run: the computed ones were prefetched, not loaded on
+    # demand (once the first calls showed the order).
+    assert ring.on_demand_loads <= 2
 
 
 def enable_cache_dit(pipe):
@@ -191,11 +195,7 @@ def test_cache_dit_and_offload_in_any_order(
         handle = pipe.enable_layerwise_offload("cpu")
     assert torch.equal(generate(pipe), cached_image)
     assert len(computed) == computed_without_offload
-    ring = handle.components["transformer"].ring
-    assert ring.loads <= len(computed) + 1
-    # The ring learnt that the cached blocks do not run: the computed ones were prefetched, not loaded on
-    # demand (once the first calls showed the order).
-    assert ring.on_demand_loads <= 2
+    assert_streams_only_computed_blocks(handle, computed)
     if remove_offload_first:
         pipe.disable_offload()
         assert torch.equal(generate(pipe), cached_image)
