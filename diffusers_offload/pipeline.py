@@ -17,6 +17,7 @@ from .model_registry import ModelAdapter, get_adapter, pipeline_modules
 from .planning import Plan, measure_components, parse_bytes, plan_offload
 from .planning.activations import estimate_for_components
 from .report import OffloadReport, build_report
+from .traffic import CallTracker, CallTraffic
 
 # Left free when no budget is given: the CUDA context, other processes' allocations, fragmentation.
 FREE_MEMORY_MARGIN = 0.9
@@ -172,6 +173,7 @@ class OffloadMixin:
     # Set by offload loading: the checkpoint that the next enable_*_offload() reads the weights of
     # components built without them from (then closes).
     _weights_source: CheckpointWeights | None = None
+    _last_call: CallTraffic | None = None  # what the last pipeline call moved, for offload_report()
 
     @property
     def offload_handle(self) -> OffloadHandle | None:
@@ -213,6 +215,7 @@ class OffloadMixin:
             if source is not None:
                 source.close()
         handle.plan = plan
+        self._last_call = None
         for method in PIPELINE_WEIGHT_EDITORS:
             if callable(getattr(self, method, None)):
                 undo = wrap_weight_editor(self, method, handle.edit_weights)
@@ -273,10 +276,22 @@ class OffloadMixin:
         return self._enable("auto", placements, device, pin_memory, copier, plan, timing)
 
     def offload_report(self) -> OffloadReport:
-        """What is where and what has moved so far; `print()` it, or show it in a notebook."""
+        """What is where and what has moved so far, and the last call's bytes per denoising step and per
+        image or video next to the plan's; `print()` it, or show it in a notebook."""
         if self._offload_handle is None:
             raise RuntimeError("Offloading is not enabled on this pipeline; there is nothing to report.")
-        return build_report(self._offload_handle)
+        return build_report(self._offload_handle, last_call=self._last_call)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        handle = self._offload_handle
+        if handle is None:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        # Counted per pipeline call (a forward hook per denoiser call, never per block).
+        tracker = CallTracker(self, handle, _adapter_for(self, None), args, kwargs)
+        with tracker:
+            output = super().__call__(*args, **kwargs)  # type: ignore[misc]
+        self._last_call = tracker.result
+        return output
 
     def enable_model_offload(
         self,
