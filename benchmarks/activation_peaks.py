@@ -5,7 +5,7 @@ each kind, since activations do not pile up across blocks at inference), runs on
 VAE decode in bfloat16 at a CPU-sized resolution and counts the peak bytes of the tensors it creates
 (`bench.live_bytes.LiveTensorBytes`), then prints them next to the estimate for the same size.
 
-    python benchmarks/activation_peaks.py            # every row (about 5 minutes, 6 GiB of RAM)
+    python benchmarks/activation_peaks.py            # every row (about 9 minutes on 2 cores)
     python benchmarks/activation_peaks.py --only wan  # rows whose name contains "wan"
 """
 

@@ -78,6 +78,17 @@ def _sample_size(configs: Mapping[str, Any]) -> int:
     return int(configs["transformer"].get("sample_size", 128)) * _spatial_factor(configs["vae"])
 
 
+def _hunyuan_size(configs: Mapping[str, Any]) -> tuple[int, int]:
+    """HunyuanVideo-1.5 picks the 16:9 bucket of its transformer's ``target_size`` (720 x 1280 at 960)."""
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    factor = _spatial_factor(configs["vae"])
+    target = int(configs["transformer"].get("target_size", 960))
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=factor)
+    height, width = processor.calculate_default_height_width(9, 16, target)
+    return int(height), int(width)
+
+
 def _kl_vae(vae: Mapping[str, Any]) -> float:
     """AutoencoderKL: its last upsampler's output (``block_out_channels[1]`` wide) at full resolution, three
     bf16 copies, or the last up block (``block_out_channels[0]``) with five: counted at (32, 64), (64, 64)
@@ -138,8 +149,8 @@ _FAMILIES: dict[str, _Family] = {
         c=29.0,
         v=_per_channel("block_out_channels", 14.05),  # per pixel of every output frame: 1,796 counted
         whole_clip_vae=True,
-        default_height=720,  # 16:9 at the 720p model's target size, as the pipeline picks it
-        default_width=1280,
+        default_height=lambda configs: _hunyuan_size(configs)[0],
+        default_width=lambda configs: _hunyuan_size(configs)[1],
         default_frames=121,
         context_tokens=1000 + 256 + 729,  # Qwen2.5-VL prompt, ByT5 glyphs, SigLIP image slots
     ),
