@@ -225,6 +225,7 @@ def _plan(args: argparse.Namespace) -> int:
         batch=args.batch,
         # As the model cards run them: HunyuanVideo-1.5's, whose VAE decodes every frame at once, tiles it.
         vae_tiling=True,
+        guidance_scale=args.guidance_scale,
     )
     sizes = measure_components(adapter.components(components), adapter)
     print(f"{args.model}: {class_name} (adapter {adapter.name!r}), weights in {args.dtype}")

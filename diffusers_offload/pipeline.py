@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -146,7 +146,7 @@ def plan_for_pipeline(
         adapter,
         components,
         pipeline_class=type(pipe).__name__,
-        pipeline_config=dict(getattr(pipe, "config", None) or {}),
+        pipeline_config=config if isinstance(config := getattr(pipe, "config", None), Mapping) else {},
         height=height,
         width=width,
         frames=frames,
@@ -174,6 +174,7 @@ class OffloadMixin:
     # components built without them from (then closes).
     _weights_source: CheckpointWeights | None = None
     _last_call: CallTraffic | None = None  # what the last pipeline call moved, for offload_report()
+    _offload_adapter: ModelAdapter | None = None  # the adapter offloading was enabled with
 
     @property
     def offload_handle(self) -> OffloadHandle | None:
@@ -257,7 +258,7 @@ class OffloadMixin:
         streamed block's copy and compute for the timeline in `offload_report()` (off by default).
         """
         self._check_not_enabled()
-        adapter = _adapter_for(self, adapter)
+        adapter = self._offload_adapter = _adapter_for(self, adapter)
         device = resolve_device(device)
         plan = plan_for_pipeline(
             self,
@@ -287,7 +288,7 @@ class OffloadMixin:
         if handle is None:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
         # Counted per pipeline call (a forward hook per denoiser call, never per block).
-        tracker = CallTracker(self, handle, _adapter_for(self, None), args, kwargs)
+        tracker = CallTracker(self, handle, self._offload_adapter or get_adapter(self), args, kwargs)
         with tracker:
             output = super().__call__(*args, **kwargs)  # type: ignore[misc]
         self._last_call = tracker.result
@@ -307,7 +308,7 @@ class OffloadMixin:
         the host copies when the device is an accelerator.
         """
         self._check_not_enabled()
-        adapter = _adapter_for(self, adapter)
+        adapter = self._offload_adapter = _adapter_for(self, adapter)
         placements = placements_for(adapter, pipeline_modules(self), denoiser="swapped")
         return self._enable("model", placements, device, pin_memory, copier)
 
@@ -340,7 +341,7 @@ class OffloadMixin:
         for the timeline in `offload_report()` (a few events per block; off by default).
         """
         self._check_not_enabled()
-        adapter = _adapter_for(self, adapter)
+        adapter = self._offload_adapter = _adapter_for(self, adapter)
         if vram_budget is not None:
             if resident_blocks != 0 or encoders != "swap":
                 raise ValueError(

@@ -71,7 +71,10 @@ class CallTracker:
     ) -> None:
         self._handle = handle
         self._adapter = adapter
-        self._calls_per_step = adapter.calls.per_step(kwargs, pipe)
+        try:
+            self._calls_per_step = adapter.calls.per_step(kwargs, pipe)
+        except (TypeError, ValueError):  # an argument the rule cannot read: count every call as a step
+            self._calls_per_step = 1
         self._images = _images(args, kwargs)
         self._rings = [
             record.ring

@@ -6,34 +6,39 @@ they never overlap (the VAE runs after the last denoising step):
 
 **Denoiser forward.** Tokens per sample ``L = frames_lat * (height / (s * p)) * (width / (s * p))``, with
 the VAE's spatial factor ``s`` (``2 ** (len(block_out_channels) - 1)``, or the config's
-``scale_factor_spatial`` / ``spatial_compression_ratio``), the DiT's patch ``p`` and, for video,
-``frames_lat = (frames - 1) / t + 1`` (temporal factor ``t``). Attention runs through SDPA (flash or
-memory-efficient kernels on an accelerator, the flash kernel on the CPU), which never holds the
-``L x L`` score matrix, so every live tensor is ``tokens x width`` and the peak is linear in tokens::
+``scale_factor_spatial`` / ``spatial_compression_ratio``), the DiT's patch ``p`` (2 where FLUX-style
+pipelines pack 2x2 latents) and, for video, ``frames_lat = (frames - 1) / t + 1`` (temporal factor
+``t``). Attention runs through SDPA (flash or memory-efficient kernels on an accelerator, the flash kernel
+on the CPU), which never holds the ``L x L`` score matrix, so every live tensor is ``tokens x width`` and
+the peak is linear in tokens::
 
     denoiser = batch * cfg_batch * c * hidden * (L + L_ctx) * (element_size / 2)
 
 ``hidden`` is ``heads * head_dim``; ``L_ctx`` the text (and image-prompt) tokens where they join the
-image tokens in one sequence (FLUX's single-stream blocks, Z-Image, HunyuanVideo-1.5), 0 where text only
-enters through cross-attention or its own stream (Wan, SD3); ``cfg_batch`` is 2 where the pipeline
-batches the conditional and unconditional predictions into one call (SD3), else 1 (pipelines that make
-two calls reuse the same memory). ``c`` is the bytes per token and hidden unit of the largest live set
-in the forward at 16-bit activations: it sits where a block's expanded MLP hidden (``ffn_dim`` wide) or its
-float32 residual update (Wan upcasts ``hidden_states.float() + ff_output.float() * gate``: 4 float32
-copies next to 3 bf16 ones, ``3 * 2 + 4 * 4 = 22``) is alive. ``c`` was counted on the CPU with one block
-of each kind at the real hidden size and two token counts (the slope, so constant terms drop out), see
-``benchmarks/activation_peaks.py`` and docs/benchmarks.md. Wan 2.2 TI2V-5B's per-token timesteps
-(``expand_timesteps``) add a float32 ``6 x hidden`` modulation per token, twice: ``c = 66``. Float32
-activations are taken as twice the 16-bit figure (an upper bound: the float32 parts do not double).
+image tokens in one sequence (FLUX, Qwen-Image, Z-Image, HunyuanVideo-1.5; the prompt's maximum length),
+0 where text only enters through cross-attention or its own stream (Wan, SD3). ``cfg_batch`` is 2 where
+the pipeline batches the conditional and unconditional predictions into one call (SD3, Z-Image), else 1
+(pipelines that make two calls reuse the same memory). ``c`` is the bytes per token and hidden unit of
+the largest live set of the forward at 16-bit activations, where a block's expanded MLP hidden
+(``ffn_dim`` wide) or its float32 residual update is alive: Wan upcasts ``hidden_states.float() +
+ff_output.float() * gate``, 4 float32 copies next to 3 bf16 ones, ``3 * 2 + 4 * 4 = 22``. ``c`` was
+counted on the CPU with one block of each kind at the real hidden size and two token counts (the slope,
+so constant terms drop out); see ``benchmarks/activation_peaks.py`` and docs/benchmarks.md. Wan 2.2
+TI2V-5B's per-token timesteps (``expand_timesteps``) add a float32 ``6 x hidden`` modulation per token,
+twice: ``c = 66``. Float32 activations are taken as twice the 16-bit figure (an upper bound).
 
-**VAE decode.** Linear in the latent pixels of one frame (image VAEs decode the whole image, the Wan and
-HunyuanVideo-1.5 VAEs decode a few latent frames at a time with a causal cache, so their peak does not
-grow with the clip's length), plus the decoded video itself, held twice while the pipeline concatenates
-the frames::
+**VAE decode.** Bytes per output pixel times the pixels decoded at a time, plus the decoded image or
+video, held twice while the pipeline concatenates the frames::
 
-    vae = batch * (v * h_lat * w_lat + 2 * 3 * frames * height * width * element_size)
+    vae = batch * (v * height * width * frames_at_once * (element_size / 2) + 2 * 3 * frames * height
+                   * width * element_size)
 
-``v`` (bytes per latent pixel) was counted the same way, decoding real-size VAE configs at two sizes.
+Image VAEs decode the whole image; the Wan VAEs decode one latent frame at a time with a causal cache
+(``frames_at_once = 1``: their peak does not grow with the clip); HunyuanVideo-1.5's decodes every frame
+at once (``frames_at_once = frames``), of one 256 x 256 tile when ``vae.enable_tiling()`` is on. ``v``
+follows the VAE's channel widths (AutoencoderKL: ``2 * max(3 * block_out_channels[1], 5 *
+block_out_channels[0])``, counted at three widths; the Wan and HunyuanVideo-1.5 VAEs: proportional to
+their base width, counted at the published one).
 
 **Reserve** ``= max(denoiser, vae) + 10% + 256 MiB`` for the caching allocator's rounding, kernel
 workspaces (cuBLAS, attention), the latents and prompt embeddings held across the loop and the
@@ -66,6 +71,7 @@ class _Family:
     context_tokens: int = 0  # text/image-prompt tokens in the same sequence as the image tokens
     default_frames: int | None = None  # None: an image pipeline
     cfg_batch: int = 1  # 2 where cond and uncond are one call of twice the batch
+    cfg_above: float = 1.0  # ... while guidance_scale is above this (the pipeline's default scale is)
     image_condition: bool = False  # edit pipelines: the input image's latents join the sequence
     c_expanded_timesteps: float | None = None  # Wan 2.2 TI2V-5B (pipeline config expand_timesteps)
     measured: bool = True  # c counted on this family's own blocks (else borrowed, see `notes`)
@@ -133,7 +139,16 @@ _FAMILIES: dict[str, _Family] = {
     "ovis-image": _Family(**{**_FLUX, "context_tokens": 256}, measured=False, notes="c borrowed from FLUX.1"),
     "qwen-image": _Family(**_QWEN),
     "qwen-image-edit": _Family(**_QWEN, image_condition=True),
-    "z-image": _Family(c=32.0, v=_kl_vae, default_height=1024, default_width=1024, context_tokens=512),
+    # Z-Image batches CFG whenever guidance_scale > 0 (default 5.0; Turbo is usually run at 0).
+    "z-image": _Family(
+        c=32.0,
+        v=_kl_vae,
+        default_height=1024,
+        default_width=1024,
+        context_tokens=512,
+        cfg_batch=2,
+        cfg_above=0.0,
+    ),
     "sd3": _Family(c=27.0, v=_kl_vae, default_height=_sample_size, default_width=_sample_size, cfg_batch=2),
     "wan": _Family(
         c=23.0,
@@ -253,12 +268,14 @@ def estimate_activations(
     batch: int = 1,
     element_size: int = 2,
     vae_tile: tuple[int, int] | None = None,
+    guidance_scale: float | None = None,
 ) -> ActivationEstimate:
     """Activation bytes of one call of an adapter ``family``'s pipeline (see the module docstring).
 
     ``height``/``width``/``frames`` default to the pipeline's own defaults; ``element_size`` is the
     activation dtype's (2 for bfloat16/float16); ``vae_tile`` the VAE's tile (height, width) in pixels when
-    its tiled decode is on (it only lowers the estimate of VAEs that decode the whole clip at once).
+    its tiled decode is on (it only lowers the estimate of VAEs that decode the whole clip at once);
+    ``guidance_scale`` (None: the pipeline's default) turns batched CFG off where it is low enough.
     Raises ValueError, naming the fix, for a family without
     an activation model, frames for an image pipeline, a size that is not a multiple of the VAE factor
     times the patch, frames the VAE cannot compress (Wan: 4k+1), or a batch below 1.
@@ -313,7 +330,8 @@ def estimate_activations(
     if spec.c_expanded_timesteps is not None and (pipeline_config or {}).get("expand_timesteps"):
         c = spec.c_expanded_timesteps
     scale = element_size / _MEASURED_DTYPE_BYTES
-    call_batch = batch * spec.cfg_batch
+    cfg = guidance_scale is None or guidance_scale > spec.cfg_above
+    call_batch = batch * (spec.cfg_batch if cfg else 1)
     denoiser = call_batch * c * _hidden(transformer) * (tokens + spec.context_tokens) * scale
     video = 2 * 3 * (frames or 1) * height * width * element_size
     pixels = height * width
@@ -360,6 +378,7 @@ def estimate_for_components(
     frames: int | None = None,
     batch: int | None = None,
     vae_tiling: bool | None = None,
+    guidance_scale: float | None = None,
 ) -> ActivationEstimate | None:
     """:func:`estimate_activations` for a pipeline's components (real or on ``meta``) and its adapter.
 
@@ -387,6 +406,7 @@ def estimate_for_components(
         batch=1 if batch is None else batch,
         element_size=element_size,
         vae_tile=_tile(vae, vae_tiling),
+        guidance_scale=guidance_scale,
     )
 
 

@@ -278,3 +278,13 @@ def test_the_report_measures_bytes_per_step_and_image_the_plan_predicts(builder,
     assert traffic.planned_per_image == steps * traffic.planned_per_step + plan.bytes_loaded_per_image
     assert traffic.summary() in str(report) and "moved per denoising step (plan" in traffic.summary()
     pipe.disable_offload()
+
+
+def test_the_report_counts_steps_with_the_adapter_offloading_was_enabled_with():
+    pipe = dof.attach(build_tiny_wan_pipeline())
+    one_call = dataclasses.replace(get_adapter(pipe), calls=dof.model_registry.DenoiserCalls())
+    pipe.enable_layerwise_offload("cpu", prefetch=1, adapter=one_call)
+    _generate(pipe, TINY_WAN_CALL)  # CFG: two calls a step, which this adapter declares as one
+    traffic = pipe.offload_report().last_call
+    assert (traffic.calls_per_step, traffic.steps) == (1, 2 * TINY_WAN_CALL["num_inference_steps"])
+    pipe.disable_offload()

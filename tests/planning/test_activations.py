@@ -59,8 +59,12 @@ def test_the_estimate_grows_with_size_frames_and_batch():
     two = _estimate("wan21-t2v-14b", batch=2)
     assert longer.denoiser_bytes > base.denoiser_bytes and larger.vae_bytes > base.vae_bytes
     assert two.denoiser_bytes == 2 * base.denoiser_bytes and two.reserve_bytes > base.reserve_bytes
-    # SD3 batches CFG's two predictions into one call: twice the batch in the denoiser.
-    assert _estimate("sd35-medium").call_batch == 2
+    # SD3 and Z-Image batch CFG's two predictions into one call: twice the batch in the denoiser, unless
+    # guidance is off.
+    assert _estimate("sd35-medium").call_batch == 2 and _estimate("z-image").call_batch == 2
+    assert _estimate("sd35-medium", guidance_scale=1.0).call_batch == 1
+    assert _estimate("z-image", guidance_scale=0.0).call_batch == 1
+    assert _estimate("flux1-dev").call_batch == 1
     # Wan 2.2 TI2V-5B's per-token timesteps (model_index expand_timesteps) cost more per token.
     ti2v = _estimate("wan22-ti2v-5b")
     transformer, vae = _configs("wan22-ti2v-5b")
