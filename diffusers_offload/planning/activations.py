@@ -103,12 +103,12 @@ def _kl_vae(vae: Mapping[str, Any]) -> float:
     return 2.0 * max(3 * channels[min(1, len(channels) - 1)], 5 * channels[0])
 
 
-def _per_channel(key: str, per_channel: float, fallback: str | None = None) -> Callable[..., float]:
+def _per_channel(key: str, per_channel: float) -> Callable[..., float]:
     """A VAE whose decode peak per output pixel is taken to scale with one channel count of its config
     (counted at the published width only)."""
 
     def v(vae: Mapping[str, Any]) -> float:
-        value = vae.get(key) or (vae.get(fallback) if fallback else None) or 0
+        value = vae.get(key) or 0
         if isinstance(value, (list, tuple)):
             value = value[0]
         return per_channel * float(value)
@@ -129,9 +129,7 @@ _QWEN = dict(
 )
 _FAMILIES: dict[str, _Family] = {
     "flux": _Family(**_FLUX, notes="FLUX.1; Kontext's input image adds its tokens (not counted)"),
-    "flux2": _Family(
-        **{**_FLUX, "c": 35.0}, measured=False, notes="c borrowed from FLUX.1 (same block kinds, unmeasured)"
-    ),
+    "flux2": _Family(**_FLUX, measured=False, notes="c borrowed from FLUX.1 (same block kinds)"),
     "longcat-image": _Family(**_FLUX, measured=False, notes="c borrowed from FLUX.1 (FLUX-style blocks)"),
     "longcat-image-edit": _Family(
         **_FLUX, image_condition=True, measured=False, notes="c borrowed from FLUX.1"
