@@ -58,6 +58,10 @@ SIZE_FLAGS = ("--budget", "--reserve")
 _FLAG_FOR_ARGUMENT = {
     "vram_budget": "--budget",
     "reserve": "--reserve",
+    "height": "--height",
+    "width": "--width",
+    "frames": "--frames",
+    "batch": "--batch",
     "prefetch": "--prefetch",
     "strategy": "--strategy",
     "device": "--device",
@@ -205,10 +209,24 @@ def _plan(args: argparse.Namespace) -> int:
 
     from .model_registry import get_adapter
     from .planning import format_bytes, measure_components, plan_offload
-    from .planning.meta import build_meta_components
+    from .planning.activations import estimate_for_components
+    from .planning.meta import build_meta_components, pipeline_config
 
     class_name, components = build_meta_components(args.model, dtype=getattr(torch, args.dtype))
     adapter = get_adapter(class_name, components=components)
+    activations = estimate_for_components(
+        adapter,
+        components,
+        pipeline_class=class_name,
+        pipeline_config=pipeline_config(args.model),
+        height=args.height,
+        width=args.width,
+        frames=args.frames,
+        batch=args.batch,
+        # As the model cards run them: HunyuanVideo-1.5's, whose VAE decodes every frame at once, tiles it.
+        vae_tiling=True,
+        guidance_scale=args.guidance_scale,
+    )
     sizes = measure_components(adapter.components(components), adapter)
     print(f"{args.model}: {class_name} (adapter {adapter.name!r}), weights in {args.dtype}")
     for size in sizes:
@@ -230,6 +248,7 @@ def _plan(args: argparse.Namespace) -> int:
         calls_per_step=adapter.calls.per_step(call),
         steps=args.steps if args.steps is not None else default_steps(class_name),
         step_unit=adapter.step_unit,
+        activations=activations,
     )
     print()
     print(plan)
@@ -265,15 +284,21 @@ def _generate(args: argparse.Namespace) -> int:
         pipe = OffloadPipeline.from_pretrained(args.model, dtype=dtype)
         pipe.to(device)
     else:
-        # Offload loading: each weight read from its file straight into the offload layout.
+        # Offload loading: each weight read from its file straight into the offload layout. A plan keeps
+        # free what this call's size needs (the reserve is estimated from it unless --reserve is given).
+        planned = {}
+        if offload == "auto" or args.budget is not None:
+            planned = dict(reserve=args.reserve, height=args.height, width=args.width, frames=args.frames)
+        elif args.reserve is not None:
+            raise ValueError("--reserve applies to a plan: --offload auto, or layerwise with --budget")
         pipe = OffloadPipeline.from_pretrained(
             args.model,
             offload=offload,
             vram_budget=args.budget,
             device=device,
             prefetch=args.prefetch,
-            reserve=args.reserve,
             dtype=dtype,
+            **planned,
         )
     call = {"generator": torch.Generator().manual_seed(args.seed), "output_type": "pil"}
     for name, argument in (("steps", "num_inference_steps"), ("height", "height"), ("width", "width")):
@@ -360,9 +385,32 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--budget", required=True, help='device memory for weights and activations, e.g. "12GiB"'
     )
-    plan.add_argument("--reserve", default="1GiB", help="kept free for activations (default: 1GiB)")
+    plan.add_argument(
+        "--reserve",
+        default=None,
+        help="kept free for activations (default: estimated from --height/--width/--frames/--batch; "
+        "1GiB for a model without an activation estimate)",
+    )
     plan.add_argument(
         "--prefetch", type=_non_negative_int, default=1, help="blocks copied ahead (default: 1)"
+    )
+    plan.add_argument(
+        "--height", type=_positive_int, default=None, help="image/video height (default: the pipeline's)"
+    )
+    plan.add_argument(
+        "--width", type=_positive_int, default=None, help="image/video width (default: the pipeline's)"
+    )
+    plan.add_argument(
+        "--frames",
+        type=_positive_int,
+        default=None,
+        help="video frames, video pipelines only (default: the pipeline's)",
+    )
+    plan.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=None,
+        help="images or videos per call (default: 1)",
     )
     plan.add_argument("--strategy", choices=("auto", "model", "layerwise"), default="auto")
     plan.add_argument(
@@ -401,7 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--budget", default=None, help='device memory budget, e.g. "12GiB" (auto/layerwise)'
     )
-    generate.add_argument("--reserve", default="1GiB", help="kept free for activations (default: 1GiB)")
+    generate.add_argument(
+        "--reserve",
+        default=None,
+        help="kept free for activations (default: estimated from the image or video size)",
+    )
     generate.add_argument(
         "--prefetch", type=_non_negative_int, default=1, help="blocks copied ahead (default: 1)"
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,8 +14,10 @@ from .engine.hooks import wrap_weight_editor
 from .engine.loading import CheckpointWeights, ReadInto, pread_into
 from .engine.transfer import Copier
 from .model_registry import ModelAdapter, get_adapter, pipeline_modules
-from .planning import DEFAULT_RESERVE, Plan, measure_components, parse_bytes, plan_offload
+from .planning import Plan, measure_components, parse_bytes, plan_offload
+from .planning.activations import estimate_for_components
 from .report import OffloadReport, build_report
+from .traffic import CallTracker, CallTraffic
 
 # Left free when no budget is given: the CUDA context, other processes' allocations, fragmentation.
 FREE_MEMORY_MARGIN = 0.9
@@ -114,10 +116,18 @@ def plan_for_pipeline(
     *,
     strategy: str,
     prefetch: int = 1,
-    reserve: int | str = DEFAULT_RESERVE,
+    reserve: int | str | None = None,
     adapter: ModelAdapter | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    batch: int | None = None,
 ) -> Plan:
-    """Plans `pipe`'s placement on `device` within `vram_budget` (None: the device's free memory)."""
+    """Plans `pipe`'s placement on `device` within `vram_budget` (None: the device's free memory).
+
+    `reserve=None` is estimated from the call's `height`, `width`, `frames` and `batch` (the pipeline's
+    defaults where None; see `planning.activations`).
+    """
     adapter = _adapter_for(pipe, adapter)
     total = None
     if is_accelerator(device):
@@ -130,7 +140,18 @@ def plan_for_pipeline(
             'string such as "8GiB".'
         )
     budget = parse_bytes(vram_budget, total=total)
-    sizes = measure_components(adapter.components(pipe), adapter)
+    components = adapter.components(pipe)
+    sizes = measure_components(components, adapter)
+    activations = estimate_for_components(
+        adapter,
+        components,
+        pipeline_class=type(pipe).__name__,
+        pipeline_config=config if isinstance(config := getattr(pipe, "config", None), Mapping) else {},
+        height=height,
+        width=width,
+        frames=frames,
+        batch=batch,
+    )
     # With the call's defaults (a guider's state is read from the pipeline): the traffic the plan reports.
     calls = adapter.calls.per_step(pipe=pipe)
     return plan_offload(
@@ -141,6 +162,7 @@ def plan_for_pipeline(
         strategy=strategy,
         calls_per_step=calls,
         step_unit=adapter.step_unit,
+        activations=activations,
     )
 
 
@@ -151,6 +173,8 @@ class OffloadMixin:
     # Set by offload loading: the checkpoint that the next enable_*_offload() reads the weights of
     # components built without them from (then closes).
     _weights_source: CheckpointWeights | None = None
+    _last_call: CallTraffic | None = None  # what the last pipeline call moved, for offload_report()
+    _offload_adapter: ModelAdapter | None = None  # the adapter offloading was enabled with
 
     @property
     def offload_handle(self) -> OffloadHandle | None:
@@ -192,6 +216,7 @@ class OffloadMixin:
             if source is not None:
                 source.close()
         handle.plan = plan
+        self._last_call = None
         for method in PIPELINE_WEIGHT_EDITORS:
             if callable(getattr(self, method, None)):
                 undo = wrap_weight_editor(self, method, handle.edit_weights)
@@ -212,7 +237,11 @@ class OffloadMixin:
         device: str | torch.device | None = None,
         *,
         prefetch: int = 1,
-        reserve: int | str = DEFAULT_RESERVE,
+        reserve: int | str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        frames: int | None = None,
+        batch: int | None = None,
         pin_memory: bool | None = None,
         timing: bool = False,
         adapter: ModelAdapter | None = None,
@@ -222,24 +251,48 @@ class OffloadMixin:
         swap, else layer-wise streaming with as many blocks resident as fit.
 
         `vram_budget`: bytes, or a string such as "8GiB", "7.5GB" or "75%" (of the device's memory);
-        `None` takes the device's free memory less a margin. `reserve` is kept free for activations.
-        Raises ValueError naming the minimum when the budget cannot hold it. `timing=True` stamps each
+        `None` takes the device's free memory less a margin. `reserve` is kept free for activations;
+        `None` estimates it from the calls you will make: `height`, `width`, `frames` (video) and `batch`
+        (images or videos per call), the pipeline's defaults where None. Raises ValueError naming the
+        minimum when the budget cannot hold it. `timing=True` stamps each
         streamed block's copy and compute for the timeline in `offload_report()` (off by default).
         """
         self._check_not_enabled()
-        adapter = _adapter_for(self, adapter)
+        adapter = self._offload_adapter = _adapter_for(self, adapter)
         device = resolve_device(device)
         plan = plan_for_pipeline(
-            self, vram_budget, device, strategy="auto", prefetch=prefetch, reserve=reserve, adapter=adapter
+            self,
+            vram_budget,
+            device,
+            strategy="auto",
+            prefetch=prefetch,
+            reserve=reserve,
+            adapter=adapter,
+            height=height,
+            width=width,
+            frames=frames,
+            batch=batch,
         )
         placements = placements_from_plan(adapter, pipeline_modules(self), plan)
         return self._enable("auto", placements, device, pin_memory, copier, plan, timing)
 
     def offload_report(self) -> OffloadReport:
-        """What is where and what has moved so far; `print()` it, or show it in a notebook."""
+        """What is where and what has moved so far, and the last call's bytes per denoising step and per
+        image or video next to the plan's; `print()` it, or show it in a notebook."""
         if self._offload_handle is None:
             raise RuntimeError("Offloading is not enabled on this pipeline; there is nothing to report.")
-        return build_report(self._offload_handle)
+        return build_report(self._offload_handle, last_call=self._last_call)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        handle = self._offload_handle
+        if handle is None:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        # Counted per pipeline call (a forward hook per denoiser call, never per block).
+        tracker = CallTracker(self, handle, self._offload_adapter or get_adapter(self), args, kwargs)
+        with tracker:
+            output = super().__call__(*args, **kwargs)  # type: ignore[misc]
+        self._last_call = tracker.result
+        return output
 
     def enable_model_offload(
         self,
@@ -255,7 +308,7 @@ class OffloadMixin:
         the host copies when the device is an accelerator.
         """
         self._check_not_enabled()
-        adapter = _adapter_for(self, adapter)
+        adapter = self._offload_adapter = _adapter_for(self, adapter)
         placements = placements_for(adapter, pipeline_modules(self), denoiser="swapped")
         return self._enable("model", placements, device, pin_memory, copier)
 
@@ -267,7 +320,11 @@ class OffloadMixin:
         resident_blocks: int | Sequence[int] = 0,
         encoders: str = "swap",
         vram_budget: int | str | None = None,
-        reserve: int | str = DEFAULT_RESERVE,
+        reserve: int | str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        frames: int | None = None,
+        batch: int | None = None,
         pin_memory: bool | None = None,
         timing: bool = False,
         adapter: ModelAdapter | None = None,
@@ -279,11 +336,12 @@ class OffloadMixin:
         whole (`encoders="swap"`) or stream their layers too (`encoders="stream"`, for encoders larger
         than the device). `resident_blocks`: how many blocks (spread evenly), or which, never stream.
         With `vram_budget` ("8GiB", ...) the planner chooses the resident blocks (and streams encoders
-        that cannot fit whole) instead. `timing=True` stamps each block's copy and compute for the
-        timeline in `offload_report()` (a few events per block; off by default).
+        that cannot fit whole) instead, keeping `reserve` free (None: estimated from `height`, `width`,
+        `frames` and `batch`, as for `enable_offload`). `timing=True` stamps each block's copy and compute
+        for the timeline in `offload_report()` (a few events per block; off by default).
         """
         self._check_not_enabled()
-        adapter = _adapter_for(self, adapter)
+        adapter = self._offload_adapter = _adapter_for(self, adapter)
         if vram_budget is not None:
             if resident_blocks != 0 or encoders != "swap":
                 raise ValueError(
@@ -298,9 +356,17 @@ class OffloadMixin:
                 prefetch=prefetch,
                 reserve=reserve,
                 adapter=adapter,
+                height=height,
+                width=width,
+                frames=frames,
+                batch=batch,
             )
             placements = placements_from_plan(adapter, pipeline_modules(self), plan)
             return self._enable("layerwise", placements, device, pin_memory, copier, plan, timing)
+        planned = dict(reserve=reserve, height=height, width=width, frames=frames, batch=batch)
+        given = [name for name, value in planned.items() if value is not None]
+        if given:
+            raise ValueError(f"{given} apply to planning within a budget: pass vram_budget too.")
         placements = placements_for(
             adapter,
             pipeline_modules(self),
@@ -403,7 +469,11 @@ class OffloadPipeline:
         vram_budget: int | str | None = None,
         device: str | torch.device | None = None,
         prefetch: int = 1,
-        reserve: int | str = DEFAULT_RESERVE,
+        reserve: int | str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        frames: int | None = None,
+        batch: int | None = None,
         pin_memory: bool | None = None,
         reader: ReadInto | None = None,
         **kwargs: Any,
@@ -412,10 +482,11 @@ class OffloadPipeline:
 
         `offload=None`: `DiffusionPipeline.from_pretrained(...)` followed by `attach`. `offload="auto"`
         (the planner, within `vram_budget`), `"model"` (model swap) or `"layerwise"` (streaming; with
-        `vram_budget`, the planner picks the resident blocks): each diffusers/transformers model is built
-        from its config without weights and every tensor is read once from its safetensors file straight
-        into its host slab (resident ones onto `device`), so host memory never holds a second copy; a
-        progress bar shows the bytes read. Other keywords (`dtype`, `variant`, components, ...) are
+        `vram_budget`, the planner picks the resident blocks, keeping `reserve` free: None estimates it
+        from `height`, `width`, `frames` and `batch`, see `enable_offload`): each diffusers/transformers
+        model is built from its config without weights and every tensor is read once from its safetensors
+        file straight into its host slab (resident ones onto `device`), so host memory never holds a second
+        copy; a progress bar shows the bytes read. Other keywords (`dtype`, `variant`, components, ...) are
         `DiffusionPipeline.from_pretrained`'s. A missing or truncated file, or a checkpoint that does not
         match its config, raises `ValueError` naming the file before any weight byte is read.
         `reader`: advanced, reads the bytes (tests).
@@ -423,8 +494,10 @@ class OffloadPipeline:
         from diffusers import DiffusionPipeline
         from diffusers.utils.logging import tqdm
 
+        planned = dict(reserve=reserve, height=height, width=width, frames=frames, batch=batch)
         if offload is None:
             extra = dict(vram_budget=vram_budget, device=device, pin_memory=pin_memory, reader=reader)
+            extra.update(planned)
             given = [name for name, value in extra.items() if value is not None]
             if given:
                 raise ValueError(
@@ -435,6 +508,12 @@ class OffloadPipeline:
             raise ValueError(f"offload must be one of {OFFLOAD_KINDS} or None, got {offload!r}.")
         if offload == "model" and vram_budget is not None:
             raise ValueError("offload='model' takes no vram_budget; use offload='auto' to plan within one.")
+        given = [name for name, value in planned.items() if value is not None]
+        if given and (offload == "model" or (offload == "layerwise" and vram_budget is None)):
+            raise ValueError(
+                f"{given} apply to planning within a budget: pass offload='auto', or 'layerwise' with a "
+                "vram_budget."
+            )
         from .loader import build_pipeline_without_weights
 
         pipe, weights = build_pipeline_without_weights(
@@ -448,7 +527,7 @@ class OffloadPipeline:
                 weights.progress = bar.update
                 if offload == "auto":
                     pipe.enable_offload(
-                        vram_budget, device, prefetch=prefetch, reserve=reserve, pin_memory=pin_memory
+                        vram_budget, device, prefetch=prefetch, pin_memory=pin_memory, **planned
                     )
                 elif offload == "model":
                     pipe.enable_model_offload(device, pin_memory=pin_memory)
@@ -457,8 +536,8 @@ class OffloadPipeline:
                         device,
                         prefetch=prefetch,
                         vram_budget=vram_budget,
-                        reserve=reserve,
                         pin_memory=pin_memory,
+                        **(planned if vram_budget is not None else {}),
                     )
         finally:
             pipe._weights_source = None

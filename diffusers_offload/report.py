@@ -13,6 +13,7 @@ from .engine.devices import is_accelerator
 from .engine.timeline import BlockTiming, PassTiming
 from .planning import format_bytes
 from .planning.tables import format_table
+from .traffic import CallTraffic
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class OffloadReport:
     plan: object | None  # the planning.Plan used, if a budget was given
     peak_device_bytes: int | None  # the device's own peak allocation counter, where it has one
     timelines: tuple[ComponentTimeline, ...] = ()  # with timing=True, once blocks have run
+    last_call: CallTraffic | None = None  # bytes per step and per image of the last pipeline call
 
     def _rows(self) -> list[tuple[str, ...]]:
         rows = []
@@ -108,6 +110,8 @@ class OffloadReport:
             _HEADERS, self._rows(), right=(False, False, True, True, True, False, True, True)
         )
         parts = [table, self._summary()]
+        if self.last_call is not None:
+            parts.append(self.last_call.summary())
         for timeline in self.timelines:
             parts += ["", timeline.summary(), timeline.table()]
         return "\n".join(parts)
@@ -158,6 +162,8 @@ class OffloadReport:
             for row in self._rows()
         )
         summary = html.escape(self._summary())
+        if self.last_call is not None:
+            summary += "<br>" + html.escape(self.last_call.summary())
         timelines = "".join(
             f"<p>{html.escape(t.summary())}</p><pre>{html.escape(t.table())}</pre>" for t in self.timelines
         )
@@ -166,8 +172,9 @@ class OffloadReport:
         )
 
 
-def build_report(handle: OffloadHandle) -> OffloadReport:
-    """Reads the engine's state (not the modules) into an `OffloadReport`."""
+def build_report(handle: OffloadHandle, last_call: CallTraffic | None = None) -> OffloadReport:
+    """Reads the engine's state (not the modules) into an `OffloadReport`; `last_call` is what the last
+    pipeline call moved (the pipeline's own record)."""
     if handle.removed:
         raise RuntimeError("This offload handle was removed; enable offloading again to get a report.")
     rows = []
@@ -215,4 +222,6 @@ def build_report(handle: OffloadHandle) -> OffloadReport:
         )
     device = handle.device
     peak = torch.accelerator.max_memory_allocated(device) if is_accelerator(device) else None
-    return OffloadReport(handle.kind, str(device), tuple(rows), handle.plan, peak, tuple(timelines))
+    return OffloadReport(
+        handle.kind, str(device), tuple(rows), handle.plan, peak, tuple(timelines), last_call
+    )

@@ -20,8 +20,15 @@ import torch
 
 from diffusers_offload.cli import build_parser, default_steps
 from diffusers_offload.model_registry import get_adapter
-from diffusers_offload.planning import format_bytes, measure_components, plan_offload
-from diffusers_offload.planning.meta import build_meta_components
+from diffusers_offload.planning import (
+    DEFAULT_RESERVE,
+    format_bytes,
+    measure_components,
+    parse_bytes,
+    plan_offload,
+)
+from diffusers_offload.planning.activations import estimate_for_components
+from diffusers_offload.planning.meta import build_meta_components, pipeline_config
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BUDGETS = ("8GiB", "12GiB", "16GiB", "24GiB", "32GiB", "48GiB", "80GiB")
@@ -62,11 +69,20 @@ PAGES = (
 )
 
 
-def budget_rows(hub_id: str) -> tuple[str, list[str], str]:
-    """(pipeline class, markdown table rows, the unit of a step) for the budgets in BUDGETS."""
+def budget_rows(hub_id: str) -> tuple[str, list[str], str, str, str]:
+    """(pipeline class, markdown table rows, the unit of a step, the reserve, the smallest budget that fits)
+    for the budgets in BUDGETS."""
     class_name, components = build_meta_components(hub_id, dtype=torch.bfloat16)
     adapter = get_adapter(class_name, components=components)
     sizes = measure_components(adapter.components(components), adapter)
+    # The reserve the CLI plans with: estimated for the pipeline's default size (VAE tiling as `plan`).
+    activations = estimate_for_components(
+        adapter,
+        components,
+        pipeline_class=class_name,
+        pipeline_config=pipeline_config(hub_id),
+        vae_tiling=True,
+    )
     steps = default_steps(class_name)
     rows = []
     for budget in BUDGETS:
@@ -77,6 +93,7 @@ def budget_rows(hub_id: str) -> tuple[str, list[str], str]:
                 calls_per_step=adapter.calls.per_step({}),
                 steps=steps,
                 step_unit=adapter.step_unit,
+                activations=activations,
             )
         except ValueError as error:
             needs = str(error).split("it needs at least ", 1)[1].split(" (", 1)[0]
@@ -91,7 +108,17 @@ def budget_rows(hub_id: str) -> tuple[str, list[str], str]:
         if mode.startswith("all resident"):
             break
     unit = adapter.step_unit + (f"; {steps} steps per image/video (the pipeline's default)" if steps else "")
-    return class_name, rows, unit
+    if activations is None:
+        reserve = f"the default {format_bytes(parse_bytes(DEFAULT_RESERVE))} reserve for activations"
+    else:
+        size = f"{activations.width}x{activations.height}"
+        size += f", {activations.frames} frames" if activations.frames else ""
+        reserve = (
+            f"a reserve of {format_bytes(activations.reserve_bytes)} for the activations of the "
+            f"pipeline's default {size}"
+        )
+    fits = [budget for budget, row in zip(BUDGETS, rows) if "does not fit" not in row]
+    return class_name, rows, unit, reserve, fits[0] if fits else BUDGETS[-1]
 
 
 def snippet(page: ModelPage) -> str:
@@ -115,7 +142,7 @@ def snippet(page: ModelPage) -> str:
 
 
 def render(page: ModelPage) -> str:
-    class_name, rows, unit = budget_rows(page.hub_id)
+    class_name, rows, unit, reserve, fits = budget_rows(page.hub_id)
     return "\n".join(
         [
             f"# {page.title}",
@@ -128,9 +155,9 @@ def render(page: ModelPage) -> str:
             snippet(page),
             "## Recommended budgets",
             "",
-            "Predicted by the planner from the published configs (bfloat16 weights, the default 1 GiB "
-            f"reserve for activations, prefetch 1, the pipeline's default call); traffic per {unit}. "
-            f"Reproduce with `diffusers-offload plan {page.hub_id} --budget 12GiB`.",
+            f"Predicted by the planner from the published configs (bfloat16 weights, {reserve}, "
+            f"prefetch 1, the pipeline's default call); traffic per {unit}. "
+            f"Reproduce with `diffusers-offload plan {page.hub_id} --budget {fits}`.",
             "",
             f"| budget | placement | predicted peak | moved per {unit.split(';')[0]} | per image/video |",
             "|---|---|---|---|---|",

@@ -35,6 +35,7 @@ TOP_LEVEL = {
     "pipeline",
     "loader",
     "report",
+    "traffic",
     "cli",
     "demo",
     "bench",

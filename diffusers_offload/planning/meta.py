@@ -70,6 +70,15 @@ def shipped_config_dir(model: str) -> Path | None:
     return CONFIGS_DIR / folder if folder else None
 
 
+def pipeline_config(model: str | os.PathLike) -> dict[str, Any]:
+    """The pipeline's own config (``model_index.json``, e.g. Wan's ``expand_timesteps``); {} if none."""
+    folder = Path(model)
+    if not folder.is_dir():
+        folder = shipped_config_dir(str(model)) or folder
+    index = folder / "model_index.json"
+    return _read_json(index) if index.is_file() else {}
+
+
 def build_meta_components(
     model: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[str, dict[str, nn.Module]]:

@@ -52,13 +52,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..engine.blocks import spread_indices
+from .activations import ActivationEstimate
 from .budget import format_bytes, parse_bytes
 from .tables import format_table
 
 ROLES = ("denoiser", "encoder", "vae", "other")
 STRATEGIES = ("auto", "model", "layerwise")
-# Headroom for activations, the allocator's fragmentation and the CUDA context; a percentage string such
-# as "10%" is taken of the budget.
+# Headroom for activations and the allocator's fragmentation where no estimate from the call's size exists
+# (planning.activations); a percentage string such as "10%" is taken of the budget.
 DEFAULT_RESERVE = "1GiB"
 
 # Above this many candidates the resident-set search is greedy instead of exhaustive (2**12 subsets).
@@ -115,6 +116,7 @@ class Plan:
     steps: int | None = None  # denoising steps of one pipeline call, when known
     bytes_loaded_per_image: int = 0  # one-time loads of one pipeline call (see the module docstring)
     step_unit: str = "denoising step"  # what one step of the denoiser loop is ("image token" for NextStep)
+    activations: ActivationEstimate | None = None  # what the reserve was estimated from, if it was
 
     @property
     def bytes_moved_per_image(self) -> int | None:
@@ -175,6 +177,9 @@ class Plan:
             out.append(
                 f"{format_bytes(self.bytes_moved_per_image)} moved per image/video at {self.steps} steps"
             )
+        if self.activations is not None:
+            unused = self.activations.reserve_bytes != self.reserve_bytes
+            out.append(f"{self.activations}{' (not used: the reserve was given)' if unused else ''}")
         return "\n".join(out)
 
     @property
@@ -331,6 +336,8 @@ def _too_small(
     reserve: int,
     prefetch: int,
     forced_model: bool,
+    estimated: bool = False,
+    activations: ActivationEstimate | None = None,
 ) -> ValueError:
     """The error for a budget below the minimum, saying the minimum and what to change."""
     minimum = need + reserve
@@ -350,7 +357,13 @@ def _too_small(
         why = "the whole component"
     at_least = format_bytes(max(minimum, 0), round_up=True)
     fixes = [f"raise the budget to at least {at_least}"]
-    if reserve:
+    if estimated:
+        fixes.append(
+            f"plan for a smaller image/video or batch (the reserve of {format_bytes(reserve)} is estimated "
+            "from them), or give a smaller reserve"
+            + (f", or {activations.advice}" if activations is not None and activations.advice else "")
+        )
+    elif reserve:
         fixes.append(f"use a smaller reserve (now {format_bytes(reserve)})")
     if layout is not None and layout.slots > 1:
         fixes.append(f"lower prefetch (now {prefetch}; 0 keeps a single block slot)")
@@ -368,13 +381,14 @@ def plan_offload(
     components: Sequence[ComponentSizesLike],
     budget: int | str,
     *,
-    reserve: int | str = DEFAULT_RESERVE,
+    reserve: int | str | None = None,
     prefetch: int = 1,
     strategy: str = "auto",
     device_total: int | None = None,
     calls_per_step: int = 1,
     steps: int | None = None,
     step_unit: str = "denoising step",
+    activations: ActivationEstimate | None = None,
 ) -> Plan:
     """Place every component so the predicted device peak (weights + reserve) stays within ``budget``.
 
@@ -384,6 +398,8 @@ def plan_offload(
     the minimum, naming it in GiB and the ways to get there. ``calls_per_step`` (denoiser calls per
     denoising step) and ``steps`` only scale the reported traffic; they do not change the placement;
     ``step_unit`` names the step in the printed plan ("image token" for an autoregressive denoiser).
+    ``reserve=None`` takes ``activations.reserve_bytes`` (see ``planning.activations``: a bigger image or
+    video leaves less of the budget to weights) or, without an estimate, ``DEFAULT_RESERVE``.
     See the module docstring for the rules.
     """
     if strategy not in STRATEGIES:
@@ -397,6 +413,9 @@ def plan_offload(
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be None or an int >= 1 (denoising steps per call), got {steps!r}")
     budget_bytes = parse_bytes(budget, total=device_total)
+    estimated = reserve is None and activations is not None
+    if reserve is None:
+        reserve = activations.reserve_bytes if activations is not None else DEFAULT_RESERVE
     reserve_bytes = parse_bytes(reserve, total=budget_bytes)
     comps = _normalise(components)
     capacity = budget_bytes - reserve_bytes  # bytes any moment's weights may use
@@ -426,6 +445,8 @@ def plan_offload(
             reserve=reserve_bytes,
             prefetch=prefetch,
             forced_model=strategy == "model",
+            estimated=estimated,
+            activations=activations,
         )
 
     streamed: dict[str, _Layout] = {}
@@ -492,4 +513,5 @@ def plan_offload(
         steps=steps,
         bytes_loaded_per_image=once,
         step_unit=step_unit,
+        activations=activations,
     )

@@ -37,7 +37,10 @@ def test_demo_runs_every_strategy(tmp_path, capsys):
 @pytest.mark.parametrize("model", SHIPPED)
 def test_plan_every_shipped_model(model, capsys):
     start = time.perf_counter()
-    assert main(["plan", model, "--budget", "12GiB"]) == 0
+    # HunyuanVideo-1.5's 720p, 121-frame default needs a 16 GiB reserve (its VAE decodes every frame of a
+    # tile at once): 12 GiB plans a shorter 480p clip.
+    size = ["--height", "480", "--width", "848", "--frames", "61"] if "HunyuanVideo" in model else []
+    assert main(["plan", model, "--budget", "12GiB", *size]) == 0
     assert time.perf_counter() - start < 20
     printed = capsys.readouterr().out
     assert "peak" in printed and "of 12.00 GiB budget" in printed

@@ -31,7 +31,9 @@ def test_each_model_page_lists_budgets_and_says_what_is_not_measured(generated):
     for page in write_docs.PAGES:
         text = generated[ROOT / "docs" / "models" / f"{page.slug}.md"]
         assert "OffloadPipeline.from_pretrained(" in text and f'"{page.hub_id}", dtype=torch.bfloat16' in text
-        assert re.search(r"^\| 12GiB \| .+ \| \d+\.\d\d GiB \|", text, flags=re.M), page.slug
+        # Every budget has its row; HunyuanVideo-1.5's default 720p video needs more than 12 GiB.
+        assert re.search(r"^\| 12GiB \| ", text, flags=re.M), page.slug
+        assert re.search(r"^\| \d+GiB \| .+ \| \d+\.\d\d GiB \|", text, flags=re.M), page.slug
         assert "Not measured on a GPU yet" in text
 
 

@@ -241,3 +241,50 @@ def test_hunyuanvideo15_image_to_video_runs_offloaded_bitwise(kind):
     else:
         assert image_encoder.member.loads == 1
     pipe.disable_offload()
+
+
+REPORTED = [
+    ("flux-one-call", build_tiny_flux_pipeline, TINY_FLUX_CALL, 1),
+    ("wan-cfg-two-calls", build_tiny_wan_pipeline, TINY_WAN_CALL, 2),
+    ("wan-no-cfg", build_tiny_wan_pipeline, {**TINY_WAN_CALL, "guidance_scale": 1.0}, 1),
+    ("wan-2.2-two-experts", wan22, {**TINY_WAN_CALL, "num_inference_steps": 6}, 2),
+]
+
+
+@pytest.mark.parametrize(
+    ("builder", "call", "calls"), [c[1:] for c in REPORTED], ids=[c[0] for c in REPORTED]
+)
+def test_the_report_measures_bytes_per_step_and_image_the_plan_predicts(builder, call, calls):
+    pipe = dof.attach(builder())
+    adapter = get_adapter(pipe)
+    sizes = [s for s in measure_components(adapter.components(pipe), adapter) if s.role == "denoiser"]
+    budget = max(s.other_bytes + 2 * max(s.block_bytes) for s in sizes)
+    # Planned for the pipeline's defaults (CFG on for Wan); the report scales it to the call's calls.
+    plan = plan_offload(sizes, budget, reserve=0, calls_per_step=adapter.calls.per_step({}, pipe))
+    handle = pipe.enable_layerwise_offload("cpu", prefetch=1)  # the plan's placement: every block streamed
+    handle.plan = plan
+    before = sum(c.bytes_moved for c in pipe.offload_report().components)
+    _generate(pipe, call)
+    report = pipe.offload_report()
+    traffic = report.last_call
+    steps = call["num_inference_steps"]
+    assert (traffic.steps, traffic.calls_per_step, traffic.images) == (steps, calls, 1)
+    per_call = plan.bytes_moved_per_step // plan.calls_per_step
+    assert traffic.bytes_per_step == calls * per_call == traffic.planned_per_step > 0
+    assert traffic.bytes_moved == sum(c.bytes_moved for c in report.components) - before
+    # One image: its steps, the one-time loads (encoders and VAE too, which this plan leaves out) and the
+    # ring's last prefetch, loaded for a step that never comes.
+    assert traffic.bytes_per_image == traffic.bytes_moved > traffic.steps * traffic.bytes_per_step
+    assert traffic.planned_per_image == steps * traffic.planned_per_step + plan.bytes_loaded_per_image
+    assert traffic.summary() in str(report) and "moved per denoising step (plan" in traffic.summary()
+    pipe.disable_offload()
+
+
+def test_the_report_counts_steps_with_the_adapter_offloading_was_enabled_with():
+    pipe = dof.attach(build_tiny_wan_pipeline())
+    one_call = dataclasses.replace(get_adapter(pipe), calls=dof.model_registry.DenoiserCalls())
+    pipe.enable_layerwise_offload("cpu", prefetch=1, adapter=one_call)
+    _generate(pipe, TINY_WAN_CALL)  # CFG: two calls a step, which this adapter declares as one
+    traffic = pipe.offload_report().last_call
+    assert (traffic.calls_per_step, traffic.steps) == (1, 2 * TINY_WAN_CALL["num_inference_steps"])
+    pipe.disable_offload()
