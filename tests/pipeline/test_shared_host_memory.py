@@ -68,7 +68,9 @@ def references(folder):
     torch.set_num_threads(1)
     pipe = dof.OffloadPipeline.from_pretrained(folder, offload="layerwise", device="cpu")
     images = {
-        (prompt, seed): pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="pt", **CALL).images
+        (prompt, seed): pipe(
+            prompt, generator=torch.Generator().manual_seed(seed), output_type="pt", **CALL
+        ).images
         for seed, prompt in enumerate(PROMPTS)
     }
     torch.set_num_threads(threads)
@@ -197,7 +199,9 @@ def measured_four(folder, references, tmp_path_factory):
         files_while_running = segment_files(path)
         images = {name: running.image(name) for name in names}
         running.release()
-        return dict(loaded=loaded, pss=pss, images=images, files=files_while_running, left=segment_files(path))
+        return dict(
+            loaded=loaded, pss=pss, images=images, files=files_while_running, left=segment_files(path)
+        )
     finally:
         running.close()
         for leftover in path.iterdir():
