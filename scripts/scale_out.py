@@ -47,7 +47,7 @@ def main() -> None:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if args.context_parallel:
+    if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     started = time.perf_counter()
@@ -89,7 +89,9 @@ def main() -> None:
         if args.save_tensors:
             torch.save(image, f"{stem}.pt")
         print(f"rank {rank}: image {index} ({prompt!r}) in {seconds:.1f} s -> {stem}.png", flush=True)
-    if args.context_parallel:
+    if world > 1:
+        # Every rank stays until all are done: the shared copy is there for a rank that starts late.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

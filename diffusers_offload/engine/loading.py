@@ -226,6 +226,8 @@ class CheckpointWeights:
     def provided_elsewhere(self, tensor: torch.Tensor) -> None:
         """Counts `tensor` as placed without reading it (its bytes came from a shared copy)."""
         self._read.add(id(tensor))
+        if self.progress is not None:
+            self.progress(self._entries[id(tensor)].nbytes)
 
     def identity(self, tensor: torch.Tensor) -> str:
         """Where `tensor`'s bytes come from: its file and key (see `fingerprint` for the files)."""
