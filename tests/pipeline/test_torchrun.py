@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,15 +56,26 @@ def torchrun(tmp_path: Path, *args: str, wrapper: str | None = None) -> str:
         (tmp_path / "wrapper.py").write_text(wrapper)
         command.append(str(tmp_path / "wrapper.py"))
     try:
-        done = subprocess.run(
-            [*command, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=120
+        # A session of its own: on a timeout, the ranks go with torchrun.
+        process = subprocess.Popen(
+            [*command, str(SCRIPT), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        try:
+            stdout, stderr = process.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
         # Both ranks exited: the last one removed the segment.
         assert list(shm.iterdir()) == []
     finally:
         shutil.rmtree(shm, ignore_errors=True)
-    return done.stdout
+    return stdout
 
 
 def reference(folder: Path, prompt: str, seed: int) -> torch.Tensor:
