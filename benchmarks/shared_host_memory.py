@@ -9,8 +9,8 @@ read counts in no process's PSS) and gives glibc's freed heap back (`malloc_trim
 N alive, the table sums their PSS (/proc/PID/smaps_rollup: a page mapped by k processes counts 1/k to
 each) and compares it with the target 1.10 x model bytes + N x the per-process baseline: the PSS, less
 its slabs, of one unshared process alive beside them (so that it shares the libraries' pages with them
-as they do with each other). Shared runs start the first process (it packs), then the others together
-(they attach), and report both load times.
+as they do with each other; started once they are loaded). Shared runs start the first process (it
+packs), then the others together (they attach), and report both load times.
 """
 
 from __future__ import annotations
@@ -87,14 +87,15 @@ def run(folder: str, count: int, share: bool, dtype: str, workdir: Path, shm: Pa
     tag = f"{'shared' if share else 'private'}{count}"
     reports = [workdir / f"{tag}-{i}.json" for i in range(count)]
     processes = {reports[0]: start(folder, reports[0], share, dtype, env)}
-    companion = workdir / f"{tag}-companion.json"
-    if share:
-        processes[companion] = start(folder, companion, False, dtype, env)
     first = wait_reports(processes)
     # The others start together once the first has packed (shared: they attach).
     rest = {report: start(folder, report, share, dtype, env) for report in reports[1:]}
     processes.update(rest)
     results = {**first, **wait_reports(rest)}
+    companion = workdir / f"{tag}-companion.json"
+    if share:  # started last, so that its load does not slow theirs
+        processes[companion] = start(folder, companion, False, dtype, env)
+        results.update(wait_reports({companion: processes[companion]}))
     pss = [pss_bytes(results[r]["pid"]) for r in reports]
     baseline = pss_bytes(results[companion]["pid"]) - results[companion]["host_bytes"] if share else None
     segment_bytes = sum(p.stat().st_size for p in shm.glob("*.data"))

@@ -1,14 +1,15 @@
 """Processes of the shared-host-memory tests, forked from one that imported everything once.
 
-    python shared_host_worker.py FOLDER OUTDIR
+    python shared_host_worker.py
 
-reads one JSON job per line from stdin, `{"name": ..., "prompt": ..., "seed": ..., "flags": [...]}`,
-forks a process for it and prints `NAME PID`. Each process loads the saved pipeline offloaded to the
-CPU (`share_host_memory=True` unless flag "private"), writes OUTDIR/NAME.loaded.json (role, seconds
-to load, pid), generates one image into OUTDIR/NAME.pt, writes OUTDIR/NAME.done.json, and exits
-(detaching as any process does at exit) once OUTDIR/release exists. Flags: "slow-read" (every tensor
-read sleeps 20 ms: to be killed while packing), "pause-running" (stops after the first denoising step
-and writes OUTDIR/NAME.running: to be killed while running).
+reads one JSON job per line from stdin, `{"name", "folder", "outdir", "shm", "prompt", "seed",
+"flags"}`, forks a process for it and prints `NAME PID`. Each process loads the pipeline saved in
+FOLDER offloaded to the CPU, with its shared segments in the directory SHM (`share_host_memory=True`
+unless flag "private"), writes OUTDIR/NAME.loaded.json (role, seconds to load, pid), generates one
+image into OUTDIR/NAME.pt, writes OUTDIR/NAME.done.json, and exits (detaching as any process does at
+exit) once OUTDIR/release exists. Flags: "slow-read" (every tensor read sleeps 20 ms: to be killed
+while packing), "pause-running" (stops after the first denoising step and writes OUTDIR/NAME.running:
+to be killed while running).
 
 Forking saves each process the seconds of importing torch, diffusers and transformers; the forked
 processes share nothing of the offload (the parent never loads a pipeline), only imported code.
@@ -41,8 +42,9 @@ def slow_reader(fd: int, offset: int, out: memoryview) -> None:
     pread_into(fd, offset, out)
 
 
-def run(folder: str, outdir: Path, job: dict) -> None:
-    name, flags = job["name"], set(job.get("flags", ()))
+def run(job: dict) -> None:
+    name, flags, folder, outdir = job["name"], set(job.get("flags", ())), job["folder"], Path(job["outdir"])
+    os.environ["DIFFUSERS_OFFLOAD_SHM_DIR"] = job["shm"]
     started = time.perf_counter()
     pipe = dof.OffloadPipeline.from_pretrained(
         folder,
@@ -81,7 +83,6 @@ def run(folder: str, outdir: Path, job: dict) -> None:
 
 
 def main() -> None:
-    folder, outdir = sys.argv[1], Path(sys.argv[2])
     logging.disable_progress_bar()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     for line in sys.stdin:
@@ -89,9 +90,9 @@ def main() -> None:
         pid = os.fork()
         if pid == 0:
             try:
-                run(folder, outdir, job)
+                run(job)
             except BaseException as error:
-                (outdir / f"{job['name']}.error").write_text(repr(error))
+                (Path(job["outdir"]) / f"{job['name']}.error").write_text(repr(error))
                 raise
             sys.exit(0)  # through the interpreter's exit: atexit handlers detach
         print(job["name"], pid, flush=True)

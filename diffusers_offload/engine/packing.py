@@ -300,6 +300,8 @@ class WeightGroup:
         )
         if same:
             self.tensors = tensors
+            if self.shared and self._editable is None:
+                self._editable = self.slab.editable()  # copies below must not reach the shared slab
             buffer = self._host_buffer()
             for leaf, view in zip(leaves, self.views_into(buffer), strict=True):
                 if leaf.numel() and leaf.data_ptr() != view.data_ptr():

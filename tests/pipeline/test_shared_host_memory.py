@@ -88,35 +88,57 @@ def shm_dir():
     path.rmdir()
 
 
-class Workers:
-    """Processes forked by one `shared_host_worker.py` (imports paid once); waits for their reports."""
+class Zygote:
+    """One `shared_host_worker.py` that forks the test processes (imports are paid once)."""
 
-    def __init__(self, folder: Path, outdir: Path, shm_dir: Path) -> None:
-        self.outdir = outdir
+    def __init__(self, log: Path) -> None:
         env = {
             **os.environ,
             "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "DIFFUSERS_OFFLOAD_SHM_DIR": str(shm_dir),
             "OMP_NUM_THREADS": "1",
         }
-        self.log = open(outdir / "workers.log", "w")
-        self.parent = subprocess.Popen(
-            [sys.executable, str(WORKER), str(folder), str(outdir)],
+        self.log_path = log
+        self.log = open(log, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
             env=env,
         )
+
+    def fork(self, job: dict) -> int:
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline().split()
+        assert line and line[0] == job["name"], self.log_path.read_text()[-3000:]
+        return int(line[1])
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    running = Zygote(tmp_path_factory.mktemp("zygote") / "workers.log")
+    yield running
+    running.close()
+
+
+class Workers:
+    """Processes forked by the zygote, with their report files in `outdir`, segments in `shm_dir`."""
+
+    def __init__(self, zygote: Zygote, folder: Path, outdir: Path, shm_dir: Path) -> None:
+        self.zygote, self.folder, self.outdir, self.shm_dir = zygote, folder, outdir, shm_dir
         self.pids: dict[str, int] = {}
 
     def start(self, name: str, seed: int, *flags: str) -> None:
         job = dict(name=name, prompt=PROMPTS[seed], seed=seed, flags=flags)
-        self.parent.stdin.write(json.dumps(job) + "\n")
-        self.parent.stdin.flush()
-        line = self.parent.stdout.readline().split()
-        assert line and line[0] == name, (self.outdir / "workers.log").read_text()[-3000:]
-        self.pids[name] = int(line[1])
+        job.update(folder=str(self.folder), outdir=str(self.outdir), shm=str(self.shm_dir))
+        self.pids[name] = self.zygote.fork(job)
 
     def alive(self, name: str) -> bool:
         try:
@@ -134,7 +156,7 @@ class Workers:
                 pytest.fail(
                     f"worker {name} ended or timed out before {suffix}: "
                     f"{error.read_text() if error.exists() else ''}\n"
-                    + (self.outdir / "workers.log").read_text()[-3000:]
+                    + self.zygote.log_path.read_text()[-3000:]
                 )
             time.sleep(0.02)
         return json.loads(path.read_text()) if suffix.endswith(".json") else {}
@@ -167,14 +189,11 @@ class Workers:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.parent.stdin.close()
-        self.parent.wait(timeout=60)
-        self.log.close()
 
 
 @pytest.fixture
-def workers(folder, tmp_path, shm_dir):
-    running = Workers(folder, tmp_path, shm_dir)
+def workers(zygote, folder, tmp_path, shm_dir):
+    running = Workers(zygote, folder, tmp_path, shm_dir)
     yield running
     running.close()
 
@@ -184,11 +203,11 @@ def segment_files(shm_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def measured_four(folder, references, tmp_path_factory):
+def measured_four(zygote, folder, references, tmp_path_factory):
     """Four sharing processes and one private one, alive together: reports, PSS and images."""
     path = SHM / f"diffusers-offload-test-{os.getpid()}-four"
     path.mkdir()
-    running = Workers(folder, tmp_path_factory.mktemp("four"), path)
+    running = Workers(zygote, folder, tmp_path_factory.mktemp("four"), path)
     try:
         for seed in range(4):
             running.start(f"shared{seed}", seed)
