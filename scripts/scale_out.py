@@ -50,6 +50,8 @@ def main() -> None:
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
+    # Within a budget, the planner sizes the activation reserve from the image size.
+    sizes = dict(height=args.height, width=args.width) if args.vram_budget else {}
     started = time.perf_counter()
     pipe = dof.OffloadPipeline.from_pretrained(
         args.pipeline,
@@ -58,6 +60,7 @@ def main() -> None:
         vram_budget=args.vram_budget,
         dtype=getattr(torch, args.dtype),
         share_host_memory=not args.no_share,
+        **sizes,
     )
     loaded = time.perf_counter() - started
     handle = pipe.offload_handle
