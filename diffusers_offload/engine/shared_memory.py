@@ -177,7 +177,10 @@ def reclaim_unused(directory: Path | None = None) -> list[str]:
     for lock_path in sorted(directory.glob(f"{PREFIX}*.lock")):
         key = lock_path.name[len(PREFIX) : -len(".lock")]
         segment = SharedSegment(key, directory)
-        guard = _try_lock(lock_path, fcntl.LOCK_EX)
+        try:
+            guard = _try_lock(lock_path, fcntl.LOCK_EX)
+        except PermissionError:
+            continue  # another user's segment
         if guard is None:
             continue  # being created, attached to or removed right now
         try:
