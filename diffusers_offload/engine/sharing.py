@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -25,8 +24,6 @@ import torch
 
 from .packing import ALIGNMENT, WeightSource, storage_leaves
 from .shared_memory import SharedSegment
-
-logger = logging.getLogger(__name__)
 
 
 def _package_version() -> str:

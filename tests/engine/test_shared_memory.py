@@ -184,3 +184,24 @@ def test_no_usable_directory_keeps_a_private_copy_with_a_warning(tmp_path, monke
     assert handle.shared_segment is None and not any(group.shared for group in handle.groups)
     assert torch.equal(dit.run(0), dit.references[0])
     handle.remove()
+
+
+def test_a_checkpoint_is_the_same_key_whatever_path_leads_to_it(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from diffusers_offload.engine.loading import CheckpointWeights, read_checkpoint
+
+    save_file({"w": torch.arange(6.0)}, tmp_path / "model.safetensors")
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    seen = set()
+    for path in ("model.safetensors", tmp_path / "model.safetensors", "link.safetensors"):
+        weights, stand_in = CheckpointWeights(), torch.empty(6)
+        weights.bind("m", {"w": stand_in}, read_checkpoint([path]))
+        seen.add((weights.fingerprint(), weights.identity(stand_in)))
+    assert len(seen) == 1
+    time.sleep(0.01)
+    (tmp_path / "model.safetensors").touch()  # rewritten in place: another key
+    weights, stand_in = CheckpointWeights(), torch.empty(6)
+    weights.bind("m", {"w": stand_in}, read_checkpoint(["model.safetensors"]))
+    assert (weights.fingerprint(), weights.identity(stand_in)) not in seen
