@@ -190,6 +190,7 @@ class OffloadMixin:
         copier: Copier | None,
         plan: Plan | None = None,
         timing: bool = False,
+        share_host_memory: bool = False,
     ) -> OffloadHandle:
         modules = pipeline_modules(self)
         source, self._weights_source = self._weights_source, None
@@ -203,6 +204,7 @@ class OffloadMixin:
                 copier=copier,
                 timing=timing,
                 source=source,
+                share_host_memory=share_host_memory,
             )
             unread = source.unread() if source is not None else []
             if unread:
@@ -246,6 +248,7 @@ class OffloadMixin:
         timing: bool = False,
         adapter: ModelAdapter | None = None,
         copier: Copier | None = None,
+        share_host_memory: bool = False,
     ) -> OffloadHandle:
         """Picks the fastest placement that fits `vram_budget`: everything resident if it fits, else model
         swap, else layer-wise streaming with as many blocks resident as fit.
@@ -256,6 +259,8 @@ class OffloadMixin:
         (images or videos per call), the pipeline's defaults where None. Raises ValueError naming the
         minimum when the budget cannot hold it. `timing=True` stamps each
         streamed block's copy and compute for the timeline in `offload_report()` (off by default).
+        `share_host_memory=True`: processes on this node that offload the same weights the same way
+        share one host copy of them (docs/scale-out.md).
         """
         self._check_not_enabled()
         adapter = self._offload_adapter = _adapter_for(self, adapter)
@@ -274,7 +279,7 @@ class OffloadMixin:
             batch=batch,
         )
         placements = placements_from_plan(adapter, pipeline_modules(self), plan)
-        return self._enable("auto", placements, device, pin_memory, copier, plan, timing)
+        return self._enable("auto", placements, device, pin_memory, copier, plan, timing, share_host_memory)
 
     def offload_report(self) -> OffloadReport:
         """What is where and what has moved so far, and the last call's bytes per denoising step and per
@@ -301,16 +306,20 @@ class OffloadMixin:
         pin_memory: bool | None = None,
         adapter: ModelAdapter | None = None,
         copier: Copier | None = None,
+        share_host_memory: bool = False,
     ) -> OffloadHandle:
         """Components (DiT, encoders, VAE) take turns on `device`: each is loaded just before it runs.
 
         `device=None` is the current accelerator (else the CPU, with a warning); `pin_memory=None` pins
-        the host copies when the device is an accelerator.
+        the host copies when the device is an accelerator. `share_host_memory=True`: one host copy for
+        every process on this node that offloads the same weights the same way (docs/scale-out.md).
         """
         self._check_not_enabled()
         adapter = self._offload_adapter = _adapter_for(self, adapter)
         placements = placements_for(adapter, pipeline_modules(self), denoiser="swapped")
-        return self._enable("model", placements, device, pin_memory, copier)
+        return self._enable(
+            "model", placements, device, pin_memory, copier, share_host_memory=share_host_memory
+        )
 
     def enable_layerwise_offload(
         self,
@@ -329,6 +338,7 @@ class OffloadMixin:
         timing: bool = False,
         adapter: ModelAdapter | None = None,
         copier: Copier | None = None,
+        share_host_memory: bool = False,
     ) -> OffloadHandle:
         """Streams the DiT's blocks to `device` block by block, `prefetch` blocks ahead.
 
@@ -339,6 +349,8 @@ class OffloadMixin:
         that cannot fit whole) instead, keeping `reserve` free (None: estimated from `height`, `width`,
         `frames` and `batch`, as for `enable_offload`). `timing=True` stamps each block's copy and compute
         for the timeline in `offload_report()` (a few events per block; off by default).
+        `share_host_memory=True`: one host copy for every process on this node that offloads the same
+        weights the same way, e.g. the ranks of `torchrun` (docs/scale-out.md).
         """
         self._check_not_enabled()
         adapter = self._offload_adapter = _adapter_for(self, adapter)
@@ -362,7 +374,9 @@ class OffloadMixin:
                 batch=batch,
             )
             placements = placements_from_plan(adapter, pipeline_modules(self), plan)
-            return self._enable("layerwise", placements, device, pin_memory, copier, plan, timing)
+            return self._enable(
+                "layerwise", placements, device, pin_memory, copier, plan, timing, share_host_memory
+            )
         planned = dict(reserve=reserve, height=height, width=width, frames=frames, batch=batch)
         given = [name for name, value in planned.items() if value is not None]
         if given:
@@ -375,7 +389,15 @@ class OffloadMixin:
             resident_blocks=resident_blocks,
             encoders=encoders,
         )
-        return self._enable("layerwise", placements, device, pin_memory, copier, timing=timing)
+        return self._enable(
+            "layerwise",
+            placements,
+            device,
+            pin_memory,
+            copier,
+            timing=timing,
+            share_host_memory=share_host_memory,
+        )
 
     def disable_offload(self, device: str | torch.device | None = None) -> None:
         """Removes all offload hooks; weights become ordinary tensors again, bitwise as before.
@@ -475,6 +497,7 @@ class OffloadPipeline:
         frames: int | None = None,
         batch: int | None = None,
         pin_memory: bool | None = None,
+        share_host_memory: bool = False,
         reader: ReadInto | None = None,
         **kwargs: Any,
     ) -> Any:
@@ -489,14 +512,22 @@ class OffloadPipeline:
         copy; a progress bar shows the bytes read. Other keywords (`dtype`, `variant`, components, ...) are
         `DiffusionPipeline.from_pretrained`'s. A missing or truncated file, or a checkpoint that does not
         match its config, raises `ValueError` naming the file before any weight byte is read.
-        `reader`: advanced, reads the bytes (tests).
+        `share_host_memory=True`: the first process on this node to load these weights this way reads
+        them into named shared memory; the others (torchrun ranks, serving workers) attach to that one
+        copy instead of reading (docs/scale-out.md). `reader`: advanced, reads the bytes (tests).
         """
         from diffusers import DiffusionPipeline
         from diffusers.utils.logging import tqdm
 
         planned = dict(reserve=reserve, height=height, width=width, frames=frames, batch=batch)
         if offload is None:
-            extra = dict(vram_budget=vram_budget, device=device, pin_memory=pin_memory, reader=reader)
+            extra = dict(
+                vram_budget=vram_budget,
+                device=device,
+                pin_memory=pin_memory,
+                reader=reader,
+                share_host_memory=share_host_memory or None,
+            )
             extra.update(planned)
             given = [name for name, value in extra.items() if value is not None]
             if given:
@@ -527,16 +558,24 @@ class OffloadPipeline:
                 weights.progress = bar.update
                 if offload == "auto":
                     pipe.enable_offload(
-                        vram_budget, device, prefetch=prefetch, pin_memory=pin_memory, **planned
+                        vram_budget,
+                        device,
+                        prefetch=prefetch,
+                        pin_memory=pin_memory,
+                        share_host_memory=share_host_memory,
+                        **planned,
                     )
                 elif offload == "model":
-                    pipe.enable_model_offload(device, pin_memory=pin_memory)
+                    pipe.enable_model_offload(
+                        device, pin_memory=pin_memory, share_host_memory=share_host_memory
+                    )
                 else:
                     pipe.enable_layerwise_offload(
                         device,
                         prefetch=prefetch,
                         vram_budget=vram_budget,
                         pin_memory=pin_memory,
+                        share_host_memory=share_host_memory,
                         **(planned if vram_budget is not None else {}),
                     )
         finally:

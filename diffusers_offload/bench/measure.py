@@ -41,6 +41,17 @@ def host_rss_bytes() -> int:
         return psutil.Process().memory_info().rss
 
 
+def pss_bytes(pid: int | str = "self") -> int:
+    """Proportional set size of a process (Linux): its private pages plus its share of every page it
+    maps with others (a page mapped by N processes counts 1/N to each), so summing it over processes
+    counts shared memory once."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/smaps_rollup has no Pss line.")
+
+
 def reset_peak_rss() -> bool:
     """Restarts the kernel's peak-RSS counter of this process (Linux); False where it cannot."""
     try:

@@ -61,6 +61,7 @@ class OffloadHandle:
         self.timing = False  # whether its rings stamp a timeline of each block's copy and compute
         self.placeholders = PlaceholderCache(device)
         self.resident_tensors: list[torch.Tensor] = []  # on the device for good: no host copy
+        self.shared_segment: Any = None  # shared_memory.SharedSegment of the slabs, when shared
         self.packed_leaves: set[int] = set()  # ids of the plain tensors packed into some slab
         # Set by placement: after an edit, takes in what changed; returns the names of re-packed groups.
         self.take_in_edits: Callable[[], list[str]] = list

@@ -13,6 +13,7 @@ library reads tensors into memory it allocates itself; we need them in memory we
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -221,6 +222,30 @@ class CheckpointWeights:
         host = torch.empty(tensor.shape, dtype=tensor.dtype)
         self.read_into(tensor, host)
         return host if device.type == "cpu" else host.to(device)
+
+    def provided_elsewhere(self, tensor: torch.Tensor) -> None:
+        """Counts `tensor` as placed without reading it (its bytes came from a shared copy)."""
+        self._read.add(id(tensor))
+        if self.progress is not None:
+            self.progress(self._entries[id(tensor)].nbytes)
+
+    def identity(self, tensor: torch.Tensor) -> str:
+        """Where `tensor`'s bytes come from: its file and key (see `fingerprint` for the files)."""
+        entry = self._entries[id(tensor)]
+        return f"{entry.path}:{entry.key}:{entry.dtype}"
+
+    def fingerprint(self) -> str:
+        """A digest of the identity of every bound file: resolved path, size, modification time and a
+        hash of its header (names, dtypes, shapes, offsets). The tensors' bytes are not read: hashing
+        them would cost as much as loading them; a file rewritten in place changes its mtime."""
+        digest = hashlib.sha256()
+        for path in sorted({e.path for e in self._entries.values()}):
+            stat = path.stat()
+            with open(path, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                header = hashlib.sha256(f.read(length)).hexdigest()
+            digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{header}\n".encode())
+        return digest.hexdigest()
 
     def unread(self) -> list[str]:
         """Keys of the bound tensors not read yet."""

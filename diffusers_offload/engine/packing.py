@@ -7,8 +7,8 @@ host slab, into a device buffer, or at an empty placeholder. `Parameter` objects
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -178,6 +178,21 @@ class WeightSource(Protocol):
 
     def load(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor: ...
 
+    def provided_elsewhere(self, tensor: torch.Tensor) -> None: ...
+
+    def identity(self, tensor: torch.Tensor) -> str: ...
+
+    def fingerprint(self) -> str: ...
+
+
+# (group name, bytes, layout, pin, device type) -> (slab, whether it already holds the group's bytes).
+# The default makes a private `HostSlab`; `shared_memory.SharedSegment.slab` maps a shared one.
+SlabAllocator = Callable[[str, int, tuple, bool, str], tuple[Any, bool]]
+
+
+def private_slab(name: str, nbytes: int, layout: tuple, pin: bool, device_type: str) -> tuple[HostSlab, bool]:
+    return HostSlab(nbytes, pin=pin, device_type=device_type), False
+
 
 def is_placeholder(tensor: torch.Tensor) -> bool:
     return tensor.numel() == 0 and tensor.untyped_storage().nbytes() == 0
@@ -194,13 +209,16 @@ class WeightGroup:
         pin: bool,
         device_type: str,
         source: WeightSource | None = None,
+        allocate: SlabAllocator = private_slab,
     ) -> None:
         self.name = name
         self.pin = pin
         self.device_type = device_type
         self.placeholders: list[torch.Tensor] = []
+        # While an edit runs on a shared slab: a private copy-on-write view of it (see `point_to_host`).
+        self._editable: torch.Tensor | None = None
         leaves = [leaf for tensor in tensors for leaf in storage_leaves(tensor)]
-        self._pack(tensors, leaves, [leaf.device for leaf in leaves], source)
+        self._pack(tensors, leaves, [leaf.device for leaf in leaves], source, allocate)
 
     def _pack(
         self,
@@ -208,6 +226,7 @@ class WeightGroup:
         leaves: list[torch.Tensor],
         original_devices: list[torch.device],
         source: WeightSource | None = None,
+        allocate: SlabAllocator = private_slab,
     ) -> None:
         # `tensors`: the parameters and buffers as modules hold them; `leaves`: the plain tensors that
         # hold their bytes (the same tensors, unless some are quantized subclasses). Only leaves move.
@@ -227,7 +246,14 @@ class WeightGroup:
         self.data_bytes = sum(self.sizes)
         # Groups with equal layouts (identical blocks) can share views into the same buffer.
         self.layout = (tuple(self.offsets), tuple(self.dtypes), tuple(self.shapes))
-        self.slab = HostSlab(self.nbytes, pin=self.pin, device_type=self.device_type)
+        self.slab, filled = allocate(self.name, self.nbytes, self.layout, self.pin, self.device_type)
+        if filled:
+            # Attached to another process's copy of these bytes: nothing is read or copied.
+            for leaf, view in zip(self.leaves, self.views_into(self.slab.data), strict=True):
+                if source is not None and source.covers(leaf):
+                    source.provided_elsewhere(leaf)
+                leaf.data = view
+            return
         # Each tensor is copied in, then re-pointed at its host view at once, so the original storage
         # can be freed as we go: host memory never holds two copies of the group.
         for leaf, view in zip(self.leaves, self.views_into(self.slab.data), strict=True):
@@ -236,10 +262,29 @@ class WeightGroup:
             else:
                 view.copy_(leaf.detach())
             leaf.data = view
+        if self.shared:
+            # Filled: from now on mapped read-only (and page-locked in place).
+            self.slab.seal(pin=self.pin, device_type=self.device_type)
+            self.point_to(self.views_into(self.slab.data))
+
+    @property
+    def shared(self) -> bool:
+        """Whether the slab is in shared memory that other processes may read (never written)."""
+        return getattr(self.slab, "shared", False)
 
     def point_to_host(self) -> None:
-        """Re-points every tensor at its view of the host slab (the copy that edits must change)."""
-        self.point_to(self.views_into(self.slab.data))
+        """Re-points every tensor at its view of the host slab (the copy that edits must change).
+
+        A shared slab is never written: the tensors point at a private copy-on-write mapping of it
+        instead, so an edit costs private memory only for the pages it writes; `refresh` then keeps
+        the shared slab if nothing changed, else moves the group to a private slab.
+        """
+        if self.shared and self._editable is None:
+            self._editable = self.slab.editable()
+        self.point_to(self.views_into(self._host_buffer()))
+
+    def _host_buffer(self) -> torch.Tensor:
+        return self._editable if self._editable is not None else self.slab.data
 
     def refresh(self, tensors: list[torch.Tensor]) -> bool:
         """Takes in what an edit did while the tensors pointed at the host slab; returns True if repacked.
@@ -255,10 +300,17 @@ class WeightGroup:
         )
         if same:
             self.tensors = tensors
-            for leaf, view in zip(leaves, self.views_into(self.slab.data), strict=True):
+            if self.shared and self._editable is None:
+                self._editable = self.slab.editable()  # copies below must not reach the shared slab
+            buffer = self._host_buffer()
+            for leaf, view in zip(leaves, self.views_into(buffer), strict=True):
                 if leaf.numel() and leaf.data_ptr() != view.data_ptr():
                     view.copy_(leaf.detach())
                     leaf.data = view
+            if self._editable is not None:
+                self._editable = None
+                if not torch.equal(buffer, self.slab.data):
+                    self._make_private(buffer)
             return False
         known = {id(t): device for t, device in zip(self.leaves, self.original_devices, strict=True)}
         # A new tensor (a LoRA layer added while offloaded) goes back, on removal, where the group's
@@ -266,9 +318,19 @@ class WeightGroup:
         fallback = self.original_devices[0] if self.original_devices else None
         devices = [known.get(id(t), fallback or t.device) for t in leaves]
         old = self.slab
-        self._pack(tensors, leaves, devices)
+        self._pack(tensors, leaves, devices)  # a private slab: a shared one is never re-packed in place
+        self._editable = None
         old.release()
         return True
+
+    def _make_private(self, buffer: torch.Tensor) -> None:
+        """Copy-on-write of the whole group: its edited bytes (`buffer`) into a private slab of its own;
+        the shared slab stays as other processes read it."""
+        private, _ = private_slab(self.name, self.nbytes, self.layout, self.pin, self.device_type)
+        private.data.copy_(buffer)
+        self.slab.release()
+        self.slab = private
+        self.point_to(self.views_into(private.data))
 
     def views_into(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Typed views of every tensor inside a uint8 `buffer` laid out like the host slab."""

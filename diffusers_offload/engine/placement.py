@@ -36,9 +36,11 @@ from .packing import (
     check_packable,
     collect_tensors,
     partition_tensors,
+    private_slab,
     storage_leaves,
 )
 from .ring import PrefetchRing
+from .sharing import open_segment
 from .swap import SwapMember, SwapSet
 from .transfer import Copier, make_copier
 
@@ -144,13 +146,16 @@ def apply_placements(
     copier: Copier | None = None,
     timing: bool = False,
     source: WeightSource | None = None,
+    share_host_memory: bool = False,
 ) -> OffloadHandle:
     """Places each component as its `Placement` says; swapped and streamed ones form one swap set.
 
     Everything is validated before any weight moves; a failure half-way undoes what was done.
     `timing=True` stamps every streamed block's copy and compute for the report's timeline.
     `source`: where the tensors it covers (stand-ins of a model built without weights) read their
-    bytes from, straight into their slabs or onto the device.
+    bytes from, straight into their slabs or onto the device. `share_host_memory=True`: the slabs live in
+    named shared memory that every process offloading the same weights the same way uses
+    (`shared_memory.SharedSegment`): the first one packs them, the others attach.
     """
     _validate(named, placements)
     device = resolve_device(device)
@@ -159,7 +164,15 @@ def apply_placements(
     handle = OffloadHandle(kind, device, pin)
     handle.timing = timing
     try:
+        if share_host_memory:
+            segment = open_segment(named, placements, source)
+            if segment is not None:
+                handle.shared_segment = segment
+                # Registered first, so undone last: after every slab of the segment was let go.
+                handle.on_remove(lambda _target: segment.detach())
         _apply(handle, named, placements, copier, source)
+        if handle.shared_segment is not None:
+            handle.shared_segment.finish()
     except BaseException:
         handle.remove()
         raise
@@ -381,7 +394,15 @@ def pack_group(
             "separately, or keep the sharing module resident (resident_blocks=...)."
         )
     handle.packed_leaves |= leaves
-    group = WeightGroup(name, tensors, pin=handle.pin_memory, device_type=handle.device.type, source=source)
+    segment = handle.shared_segment
+    group = WeightGroup(
+        name,
+        tensors,
+        pin=handle.pin_memory,
+        device_type=handle.device.type,
+        source=source,
+        allocate=segment.slab if segment is not None else private_slab,
+    )
     handle.groups.append(group)
     handle.on_remove(lambda target: group.restore(target))
     group.make_placeholders(placeholders)

@@ -21,6 +21,7 @@ def apply_layerwise_offload(
     *,
     timing: bool = False,
     copier: Copier | None = None,
+    share_host_memory: bool = False,
 ) -> OffloadHandle:
     """Streams the blocks of `module` from host memory to `device` one by one while it runs.
 
@@ -34,6 +35,8 @@ def apply_layerwise_offload(
         timing: stamp each block's copy and compute, for the timeline in `build_report(handle)`
             (costs a few events per block; off by default).
         copier: advanced: how copies are issued (tests use it to prove ordering).
+        share_host_memory: keep the host copy in named shared memory, one copy for every process on
+            this node that offloads the same weights the same way (docs/scale-out.md).
 
     Everything outside the block lists is moved to `device` and stays there. Call `handle.remove()`
     to undo.
@@ -42,7 +45,14 @@ def apply_layerwise_offload(
     # Keyed by class name, so that errors name the module as the caller knows it.
     name = type(module).__name__
     return apply_placements(
-        {name: module}, {name: placement}, device, pin_memory, kind="layerwise", copier=copier, timing=timing
+        {name: module},
+        {name: placement},
+        device,
+        pin_memory,
+        kind="layerwise",
+        copier=copier,
+        timing=timing,
+        share_host_memory=share_host_memory,
     )
 
 
@@ -53,6 +63,7 @@ def apply_model_offload(
     *,
     entry_methods: Mapping[str, Sequence[str]] | None = None,
     copier: Copier | None = None,
+    share_host_memory: bool = False,
 ) -> OffloadHandle:
     """Keeps `components` in host memory and loads each one onto `device` just before it runs,
     evicting the others first (a model-level swap).
@@ -64,6 +75,8 @@ def apply_model_offload(
         entry_methods: name -> methods other than `forward` that enter that component, e.g.
             `{"vae": ("encode", "decode")}` (keys are indices as strings when a list is given).
         copier: advanced: how copies are issued.
+        share_host_memory: one host copy for every process on this node that offloads the same
+            weights the same way (docs/scale-out.md).
     """
     named = (
         dict(components) if isinstance(components, Mapping) else {str(i): m for i, m in enumerate(components)}
@@ -75,4 +88,12 @@ def apply_model_offload(
     placements = {
         name: Placement("swapped", entry_methods=tuple(entry_methods.get(name, ()))) for name in named
     }
-    return apply_placements(named, placements, device, pin_memory, kind="model", copier=copier)
+    return apply_placements(
+        named,
+        placements,
+        device,
+        pin_memory,
+        kind="model",
+        copier=copier,
+        share_host_memory=share_host_memory,
+    )
