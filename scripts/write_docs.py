@@ -74,9 +74,9 @@ def switch_row(budget: str, plan, sizes) -> str | None:
     if plan.expert_switch is None:
         return None
     blocks = {s.name: s.block_bytes for s in sizes}
-    experts = [c for c in plan.components if c.role == "denoiser" and c.strategy == "streamed"]
+    experts = [c for c in plan.components if c.role == "denoiser" and c.streamed_blocks]
     head = max(c.bytes_loaded_per_call for c in experts)
-    first = max(blocks[c.name][c.streamed_blocks[0]] for c in experts if c.streamed_blocks)
+    first = max(blocks[c.name][c.streamed_blocks[0]] for c in experts)
     now = 0 if all(c.rest_ahead for c in experts) else head
     return (
         f"| {budget} | {format_bytes(head)} | {format_bytes(first)} | {format_bytes(head + first)} | "

@@ -195,8 +195,9 @@ class Plan:
 
     @property
     def expert_switch(self) -> str | None:
-        """What the switch between streamed experts loads ahead, or on demand; None without experts."""
-        experts = [c for c in self.components if c.role == "denoiser" and c.strategy == "streamed"]
+        """What the switch between streamed experts loads ahead, or on demand; None without two experts
+        that stream blocks."""
+        experts = [c for c in self.components if c.role == "denoiser" and c.streamed_blocks]
         if len(experts) < 2:
             return None
         head = format_bytes(max(c.bytes_loaded_per_call for c in experts))
