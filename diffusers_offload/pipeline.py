@@ -75,12 +75,16 @@ def placements_for(
             "Declare an adapter for it: see docs/adding-a-model.md."
         )
     placements = {}
+    # Experts taking turns hand over to each other: the next one's head is prefetched at the switch.
+    experts = sum(adapter.role(name) == "denoiser" for name in modules) > 1
     for name in modules:
         common = _declared(adapter, name)
         blocks = tuple(adapter.block_paths(name))
         is_denoiser = adapter.role(name) == "denoiser"  # the denoiser or one of its experts
         if is_denoiser and denoiser == "streamed":
-            placements[name] = Placement("streamed", blocks, resident_blocks, prefetch, **common)
+            placements[name] = Placement(
+                "streamed", blocks, resident_blocks, prefetch, hand_over=experts, rest_ahead=experts, **common
+            )
         elif not is_denoiser and encoders == "stream" and blocks:
             placements[name] = Placement("streamed", blocks, 0, prefetch, **common)
         else:
@@ -93,6 +97,8 @@ def placements_from_plan(
 ) -> dict[str, Placement]:
     """Placements that carry out a planner's `Plan` (block indices refer to the adapter's block lists)."""
     placements = {}
+    # Streamed experts hand over to each other; the plan says whether the next one's rest fits ahead.
+    experts = {c.name for c in plan.components if c.role == "denoiser" and c.strategy == "streamed"}
     for name in modules:
         chosen = plan.component(name)
         common = _declared(adapter, name)
@@ -102,6 +108,8 @@ def placements_from_plan(
                 tuple(adapter.block_paths(name)),
                 tuple(chosen.resident_blocks),
                 chosen.prefetch,
+                hand_over=len(experts) > 1 and name in experts,
+                rest_ahead=chosen.rest_ahead,
                 **common,
             )
         else:

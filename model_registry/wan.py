@@ -26,8 +26,10 @@ WAN = register_adapter(
         # low-noise expert's combination; it does not switch the second call).
         calls=DenoiserCalls("guidance_scale", default=5.0),
         notes=(
-            "At the expert switch the low-noise expert's non-block part is loaded whole and its first "
-            "block on demand; the ring does not prefetch across experts. The pipelines also accept "
+            "At the expert switch (from the second call on) the low-noise expert's first streamed block "
+            "is prefetched into a ring slot of the high-noise expert; its non-block part and resident "
+            "blocks are copied then too only where the plan leaves room beside the running expert (else "
+            "loaded when it is entered). The pipelines also accept "
             "transformer=None (only transformer_2), which this adapter does not serve. Wan 2.2 A14B "
             "stores its experts in float32 on disk; plan with the dtype they are loaded in. Not served: "
             "WanVACEPipeline, WanAnimatePipeline, WanVideoToVideoPipeline (not checked)."

@@ -69,9 +69,24 @@ PAGES = (
 )
 
 
-def budget_rows(hub_id: str) -> tuple[str, list[str], str, str, str]:
-    """(pipeline class, markdown table rows, the unit of a step, the reserve, the smallest budget that fits)
-    for the budgets in BUDGETS."""
+def switch_row(budget: str, plan, sizes) -> str | None:
+    """A markdown row: bytes loaded on demand at the switch between streamed experts, before and now."""
+    if plan.expert_switch is None:
+        return None
+    blocks = {s.name: s.block_bytes for s in sizes}
+    experts = [c for c in plan.components if c.role == "denoiser" and c.streamed_blocks]
+    head = max(c.bytes_loaded_per_call for c in experts)
+    first = max(blocks[c.name][c.streamed_blocks[0]] for c in experts)
+    now = 0 if all(c.rest_ahead for c in experts) else head
+    return (
+        f"| {budget} | {format_bytes(head)} | {format_bytes(first)} | {format_bytes(head + first)} | "
+        f"{format_bytes(now)} |"
+    )
+
+
+def budget_rows(hub_id: str) -> tuple[str, list[str], str, str, str, list[str]]:
+    """(pipeline class, markdown table rows, the unit of a step, the reserve, the smallest budget that fits,
+    rows of the expert switch) for the budgets in BUDGETS."""
     class_name, components = build_meta_components(hub_id, dtype=torch.bfloat16)
     adapter = get_adapter(class_name, components=components)
     sizes = measure_components(adapter.components(components), adapter)
@@ -84,7 +99,7 @@ def budget_rows(hub_id: str) -> tuple[str, list[str], str, str, str]:
         vae_tiling=True,
     )
     steps = default_steps(class_name)
-    rows = []
+    rows, switches = [], []
     for budget in BUDGETS:
         try:
             plan = plan_offload(
@@ -100,6 +115,9 @@ def budget_rows(hub_id: str) -> tuple[str, list[str], str, str, str]:
             rows.append(f"| {budget} | does not fit (needs at least {needs}) | - | - | - |")
             continue
         per_image = format_bytes(plan.bytes_moved_per_image) if plan.steps else "-"
+        switch = switch_row(budget, plan, sizes)
+        if switch is not None:
+            switches.append(switch)
         mode = plan.title
         rows.append(
             f"| {budget} | {mode} | {format_bytes(plan.peak_device_bytes)} | "
@@ -118,7 +136,7 @@ def budget_rows(hub_id: str) -> tuple[str, list[str], str, str, str]:
             f"pipeline's default {size}"
         )
     fits = [budget for budget, row in zip(BUDGETS, rows) if "does not fit" not in row]
-    return class_name, rows, unit, reserve, fits[0] if fits else BUDGETS[-1]
+    return class_name, rows, unit, reserve, fits[0] if fits else BUDGETS[-1], switches
 
 
 def snippet(page: ModelPage) -> str:
@@ -142,7 +160,25 @@ def snippet(page: ModelPage) -> str:
 
 
 def render(page: ModelPage) -> str:
-    class_name, rows, unit, reserve, fits = budget_rows(page.hub_id)
+    class_name, rows, unit, reserve, fits, switches = budget_rows(page.hub_id)
+    switch = []
+    if switches:
+        switch = [
+            "## Expert switch",
+            "",
+            "A call switches once from `transformer` (high noise) to `transformer_2` (low noise). From the "
+            "second call on, during the high-noise expert's last blocks, the low-noise expert's first "
+            "streamed block is prefetched into a ring slot the high-noise expert no longer needs (no extra "
+            "device memory); where the plan leaves room for it beside the running expert, the non-block "
+            "part and resident blocks are copied then too. Bytes loaded on demand at the switch, for the "
+            "layer-wise rows above (the first call loads the whole head on demand):",
+            "",
+            "| budget | non-block part and resident blocks | first streamed block | on demand before | "
+            "on demand now |",
+            "|---|---|---|---|---|",
+            *switches,
+            "",
+        ]
     return "\n".join(
         [
             f"# {page.title}",
@@ -163,6 +199,7 @@ def render(page: ModelPage) -> str:
             "|---|---|---|---|---|",
             *rows,
             "",
+            *switch,
             "## Measured speed",
             "",
             "Not measured on a GPU yet: no accelerator has run this model with diffusers-offload. CPU "

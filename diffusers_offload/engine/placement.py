@@ -59,6 +59,10 @@ class Placement:
     host_only: tuple[str, ...] = ()  # submodules left on the host, loaded only if called
     resident_tensors: tuple[str, ...] = ()  # parameters/buffers read from outside the component
     rest_resident: bool = False  # streamed: the non-block part stays on the device, not swapped
+    # streamed: takes turns with the other hand-over components (Wan 2.2's experts); its first block is
+    # prefetched into a ring slot of the one before it, during that one's last blocks
+    hand_over: bool = False
+    rest_ahead: bool = False  # hand_over: its non-block part is copied then too (beside the one running)
 
     def __post_init__(self) -> None:
         # Callers pass lists and single names; stored as tuples so that a Placement stays immutable.
@@ -101,11 +105,12 @@ def _validate(named: Mapping[str, torch.nn.Module], placements: Mapping[str, Pla
                 f"Component {name!r}: strategy must be one of {STRATEGIES}, got {placement.strategy!r}."
             )
         check_prefetch(placement.prefetch)
-        if placement.rest_resident and placement.strategy != "streamed":
-            raise ValueError(
-                f"Component {name!r}: rest_resident applies to the 'streamed' strategy only, "
-                f"not {placement.strategy!r}."
-            )
+        for flag in ("rest_resident", "hand_over", "rest_ahead"):
+            if getattr(placement, flag) and placement.strategy != "streamed":
+                raise ValueError(
+                    f"Component {name!r}: {flag} applies to the 'streamed' strategy only, "
+                    f"not {placement.strategy!r}."
+                )
         if placement.strategy == "streamed":
             if not placement.block_lists:
                 raise ValueError(
@@ -253,7 +258,15 @@ def _apply(
                     handle, streamed, block_tensors, placement.prefetch, placeholders, copier, source
                 )
             record.ring = ring
-            record.member = swap_set.add(SwapMember(name, group, ring))
+            record.member = swap_set.add(
+                SwapMember(
+                    name,
+                    group,
+                    ring,
+                    hand_over=placement.hand_over,
+                    rest_ahead=placement.hand_over and placement.rest_ahead,
+                )
+            )
         record.resident_bytes = handle.resident_bytes - before
         record.groups = handle.groups[first_group:]
         if record.member is not None:

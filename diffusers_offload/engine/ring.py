@@ -10,7 +10,7 @@ prefetched. Any other order is still correct: a block that is not in a slot is l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ from .timeline import BlockTimeline
 from .transfer import Copier
 
 EMPTY = -1
+LENT = -2  # a slot given to the next member of a swap set (its first block is being copied in)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,13 @@ class PrefetchRing:
         self._previous = EMPTY
         self.calls = self.loads = self.on_demand_loads = self.bytes_moved = 0
         self.timeline: BlockTimeline | None = None
+        # A hand-over to the next member of a swap set (see `hand_over_at_end`); unset on the common path.
+        self._successor: PrefetchRing | None = None
+        self._on_hand_over: Callable[[], None] | None = None
+        self._on_cancel: Callable[[], None] | None = None
+        self._hand_over_at = EMPTY
+        self._lent = EMPTY  # the slot holding the successor's first block, taken over at its entry
+        self.staged_slot = EMPTY  # as the successor: the slot its first block was copied into ahead
 
     def start_timing(self) -> BlockTimeline:
         """Stamps each block call from now on (a few events per block: the hot path gets slower)."""
@@ -97,14 +105,19 @@ class PrefetchRing:
     def device_bytes(self) -> int:
         return self.slot_bytes * len(self.slots)
 
-    def allocate(self) -> None:
-        """Allocates the slots (once; again only after `free`)."""
+    def allocate(self, slots: Sequence[torch.Tensor] | None = None) -> None:
+        """Allocates the slots (once; again only after `free`), or takes over `slots` (a predecessor's)."""
         if self.slots:
             return
         # Allocated once: no allocator traffic per block or per step.
-        self.slots = [
-            torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)
-        ]
+        self.slots = (
+            list(slots)
+            if slots is not None
+            else [
+                torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+                for _ in range(self.num_slots)
+            ]
+        )
         self._src = [group.slab.data for group in self.groups]
         if self._events:
             # Fresh slots may reuse memory that work queued on the compute stream still reads: order
@@ -126,6 +139,8 @@ class PrefetchRing:
 
     def free(self) -> None:
         """Evicts every block and gives the slots back to the allocator."""
+        self._disarm()
+        self.staged_slot = EMPTY
         self.evict_all()
         if self._events:
             for event in self._copied:
@@ -205,9 +220,107 @@ class PrefetchRing:
             raise RuntimeError("PrefetchRing: no free slot; this is a bug in diffusers-offload.")
         return best
 
-    def evict_all(self) -> None:
-        for slot, owner in enumerate(self.slot_owner):
+    def hand_over_at_end(
+        self,
+        successor: PrefetchRing | None,
+        on_hand_over: Callable[[], None],
+        on_cancel: Callable[[], None],
+    ) -> None:
+        """For the forward about to run, the last before the swap set enters another member: from the
+        first block whose prefetch window wraps to the next forward, nothing of this ring is prefetched
+        for a next forward; there `on_hand_over()` runs (it copies the member's non-block part ahead) and
+        `successor`'s first block is copied into the slot this forward no longer needs, which
+        `successor.take_over(self)` adopts at its entry (`successor` None: no block is copied).
+
+        If this ring needs a block loaded after that point (another forward after all), the hand-over is
+        cancelled: `on_cancel()` runs, the slot comes back, and the block loads on demand as usual.
+        """
+        count = len(self.groups)
+        compatible = (
+            successor is not None
+            and self.lookahead > 0
+            and successor.num_slots == self.num_slots
+            and successor.slot_bytes <= self.slot_bytes
+        )
+        self._successor = successor if compatible else None
+        self._on_hand_over, self._on_cancel = on_hand_over, on_cancel
+        self._hand_over_at = max(count - self.lookahead, 0) if self.lookahead else count - 1
+        at = self._hand_over_at
+        self._ahead = [
+            window if p < at else tuple(u for u in window if u > p) for p, window in enumerate(self._ahead)
+        ]
+        # An instance attribute shadowing the method for this forward only: no cost on the common path.
+        self.acquire = self._acquire_handing_over  # type: ignore[method-assign]
+
+    def _acquire_handing_over(self, position: int) -> None:
+        if self._lent != EMPTY or self._on_hand_over is None:
+            slot_of = self.slot_of
+            if slot_of[position] == EMPTY or any(slot_of[u] == EMPTY for u in self._ahead[position]):
+                self._cancel_hand_over()  # this ring runs on: the successor's head is not next
+            PrefetchRing.acquire(self, position)
+            return
+        PrefetchRing.acquire(self, position)
+        if position >= self._hand_over_at:
+            self._hand_over(position)
+
+    def _hand_over(self, position: int) -> None:
+        on_hand_over, self._on_hand_over = self._on_hand_over, None
+        successor = self._successor
+        if successor is not None:
+            slot = self._victim(position)
+            owner = self.slot_owner[slot]
             if owner != EMPTY:
                 self.groups[owner].offload()
                 self.slot_of[owner] = EMPTY
-                self.slot_owner[slot] = EMPTY
+            self.slot_owner[slot] = LENT
+            self._lent = slot
+            head = successor.groups[0]
+            # Ordered after the last read of the slot by this ring's compute; the successor waits for it.
+            self.copier.copy(
+                self.slots[slot][: head.nbytes], head.slab.data, successor._copied[slot], self._released[slot]
+            )
+            successor.staged_slot = slot
+            successor.loads += 1
+            successor.bytes_moved += head.nbytes
+        on_hand_over()
+
+    def _cancel_hand_over(self) -> None:
+        on_cancel = self._on_cancel
+        if self._successor is not None:
+            self._successor.staged_slot = EMPTY
+        self._disarm()
+        if on_cancel is not None:
+            on_cancel()
+
+    def _disarm(self) -> None:
+        if self._on_cancel is None:
+            return
+        if self._lent != EMPTY:
+            self.slot_owner[self._lent] = EMPTY
+        self._lent = EMPTY
+        self._successor = self._on_hand_over = self._on_cancel = None
+        self._hand_over_at = EMPTY
+        self.__dict__.pop("acquire", None)
+        self._ahead = [self._window(p) for p in range(len(self.groups))]
+
+    def take_over(self, predecessor: PrefetchRing) -> None:
+        """At entry: adopts `predecessor`'s slots when its hand-over copied this ring's first block ahead
+        (call before the predecessor is freed); the block then counts as loaded, not on demand."""
+        slot = self.staged_slot
+        if slot == EMPTY or predecessor._lent != slot:
+            self.staged_slot = EMPTY
+            return
+        predecessor.slot_owner[slot] = EMPTY
+        predecessor._lent = EMPTY
+        self.allocate(predecessor.slots)
+        self.groups[0].point_to(self._views[0][slot])
+        self.slot_owner[slot] = 0
+        self.slot_of[0] = slot
+        self.staged_slot = EMPTY
+
+    def evict_all(self) -> None:
+        for slot, owner in enumerate(self.slot_owner):
+            if owner >= 0:
+                self.groups[owner].offload()
+                self.slot_of[owner] = EMPTY
+            self.slot_owner[slot] = EMPTY

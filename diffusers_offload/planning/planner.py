@@ -38,6 +38,12 @@ Rules where a choice had to be made:
   unconditional prediction as a second call, see ``model_registry.DenoiserCalls``) times the streamed bytes
   of one denoiser forward. Several denoisers (Wan 2.2's experts) run one at a time, each for a range of
   steps, so the largest of them counts, not their sum: exact for experts of one layout.
+* Experts that all stream hand over: during the last blocks of one, the next one's first streamed block
+  is copied into a ring slot the first one no longer needs (no extra bytes). Where the budget allows it
+  (``ComponentPlan.rest_ahead``) its one-time load (non-block part and resident blocks) is copied then
+  too, and the peak covers one expert's active bytes plus another's one-time load; where it does not,
+  that load happens when the next expert is entered (the layouts are not changed for it: resident
+  blocks save bytes on every step, the switch happens once per call).
 * Per image: ``Plan.bytes_moved_per_image`` is ``steps`` times that, plus every one-time load of the call
   (swapped components whole, the non-block part and resident blocks of streamed ones, one pass of each
   streamed encoder). The ring's last prefetch of a call (up to ``prefetch`` blocks per denoiser, loaded
@@ -46,6 +52,7 @@ Rules where a choice had to be made:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,6 +108,7 @@ class ComponentPlan:
     active_device_bytes: int  # device bytes while this component runs (its resident part + ring)
     bytes_moved_per_call: int  # host-to-device bytes per call (see module docstring)
     bytes_loaded_per_call: int = 0  # one-time load when entered: whole if swapped, non-block part if streamed
+    rest_ahead: bool = False  # streamed expert: its one-time load is copied during the previous expert
 
 
 @dataclass(frozen=True)
@@ -177,10 +185,31 @@ class Plan:
             out.append(
                 f"{format_bytes(self.bytes_moved_per_image)} moved per image/video at {self.steps} steps"
             )
+        switch = self.expert_switch
+        if switch is not None:
+            out.append(switch)
         if self.activations is not None:
             unused = self.activations.reserve_bytes != self.reserve_bytes
             out.append(f"{self.activations}{' (not used: the reserve was given)' if unused else ''}")
         return "\n".join(out)
+
+    @property
+    def expert_switch(self) -> str | None:
+        """What the switch between streamed experts loads ahead, or on demand; None without two experts
+        that stream blocks."""
+        experts = [c for c in self.components if c.role == "denoiser" and c.streamed_blocks]
+        if len(experts) < 2:
+            return None
+        head = format_bytes(max(c.bytes_loaded_per_call for c in experts))
+        where = (
+            "copied during the previous expert's last blocks"
+            if all(c.rest_ahead for c in experts)
+            else "loaded on demand when the next expert is entered"
+        )
+        return (
+            f"expert switch: non-block part and resident blocks ({head}) {where}; the first streamed "
+            "block is prefetched into a ring slot the previous expert frees (from the second call on)"
+        )
 
     @property
     def title(self) -> str:
@@ -492,6 +521,18 @@ def plan_offload(
 
     always = sum(p.active_device_bytes for p in plans if p.strategy == "resident")
     turns = max((p.active_device_bytes for p in plans if p.strategy != "resident"), default=0)
+    # Experts that stream take turns: while one runs its last blocks, the next one's first streamed block
+    # goes into a ring slot the first one no longer needs (no extra bytes) and, where it fits beside the
+    # running expert, its non-block part and resident blocks are copied ahead too.
+    experts = [p for p in plans if p.role == "denoiser" and p.strategy == "streamed" and p.streamed_blocks]
+    switch = max(
+        (a.active_device_bytes + b.bytes_loaded_per_call for a in experts for b in experts if a is not b),
+        default=0,
+    )
+    if len(experts) > 1 and always + switch <= capacity:
+        names = {p.name for p in experts}
+        plans = [dataclasses.replace(p, rest_ahead=True) if p.name in names else p for p in plans]
+        turns = max(turns, switch)
     # Experts take turns by step range: the largest streamed denoiser sets the traffic of a step.
     per_call = max(
         (p.bytes_moved_per_call for p in plans if p.role == "denoiser" and p.strategy == "streamed"),

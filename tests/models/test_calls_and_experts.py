@@ -126,6 +126,7 @@ def test_planned_bytes_per_step_and_image_match_the_report(case):
     assert all(not p.resident_blocks and p.prefetch == 1 for p in plan.components)
     assert plan.calls_per_step == calls and plan.bytes_moved_per_step > 0
     handle = pipe.enable_layerwise_offload("cpu", prefetch=1)  # the same placement: every block streamed
+    _generate(pipe, call)  # Wan 2.2: from now on its experts hand over at the switch (learned in this call)
 
     moved = []
     for n in (steps, steps + 1):
@@ -135,8 +136,10 @@ def test_planned_bytes_per_step_and_image_match_the_report(case):
     # One more step moves exactly what the plan says a step moves (CFG's second call included).
     assert moved[1] - moved[0] == plan.bytes_moved_per_step
     # A whole call: its steps and the one-time loads, plus the last prefetch of each denoiser's ring (its
-    # first block, copied for a next step that never comes), which the plan leaves out.
-    tails = sum(handle.components[s.name].ring.groups[0].nbytes for s in sizes)
+    # first block, copied for a next step that never comes), which the plan leaves out. Wan 2.2's first
+    # expert prefetches the second expert's first block instead, which that expert then uses.
+    handing_over = {"transformer"} if len(sizes) > 1 else set()
+    tails = sum(handle.components[s.name].ring.groups[0].nbytes for s in sizes if s.name not in handing_over)
     assert moved[0] == plan.bytes_moved_per_image + tails
     pipe.disable_offload()
 

@@ -68,6 +68,7 @@ def check_plan(plan: Plan, comps: list[Sizes]) -> None:
             assert p.active_device_bytes == comp.other_bytes + resident + slots * slot
             moved = sum(comp.block_bytes[i] for i in p.streamed_blocks)
             assert p.bytes_moved_per_call == moved
+            assert p.bytes_loaded_per_call == comp.other_bytes + resident
             if comp.role == "denoiser":
                 per_step = max(per_step, moved)  # experts take turns; one denoiser runs per step
             turns.append(p.active_device_bytes)
@@ -79,6 +80,14 @@ def check_plan(plan: Plan, comps: list[Sizes]) -> None:
             assert p.strategy == "resident"
             assert p.active_device_bytes == comp.total_bytes and p.bytes_moved_per_call == 0
             resident_total += comp.total_bytes
+    # At an expert switch the next expert's one-time load may be copied beside the running one.
+    experts = [p for p in plan.components if p.role == "denoiser" and p.strategy == "streamed"]
+    experts = [p for p in experts if p.streamed_blocks]
+    if any(p.rest_ahead for p in plan.components):
+        assert len(experts) > 1 and all(p.rest_ahead for p in experts)
+        turns.extend(
+            a.active_device_bytes + b.bytes_loaded_per_call for a in experts for b in experts if a != b
+        )
     assert plan.peak_device_bytes == resident_total + max(turns, default=0) + plan.reserve_bytes
     assert plan.peak_device_bytes <= plan.budget_bytes
     assert plan.bytes_moved_per_step == plan.calls_per_step * per_step
@@ -484,6 +493,27 @@ def test_calls_per_step_multiply_a_step_and_experts_count_once() -> None:
             plan_offload(PIPE, 12 * GB, calls_per_step=bad)
     with pytest.raises(ValueError, match="steps"):
         plan_offload(PIPE, 12 * GB, steps=0)
+
+
+def test_streamed_experts_load_the_next_ones_rest_ahead_only_where_it_fits_beside_the_running_one() -> None:
+    # Experts whose non-block part is smaller than a block (as Wan 2.2 A14B's: 0.49 GiB next to 0.68 GiB).
+    high = Sizes("transformer", "denoiser", (300_000_000,) * 10, 100_000_000)
+    low = replace(high, name="transformer_2")
+    ring = high.other_bytes + 2 * 300_000_000  # every block streamed, prefetch 1
+    fits = plan_offload([high, low], ring + high.other_bytes + GIB, reserve=GIB, strategy="layerwise")
+    check_plan(fits, [high, low])
+    assert all(p.rest_ahead and not p.resident_blocks for p in fits.components)
+    assert fits.peak_device_bytes == ring + high.other_bytes + GIB  # the running expert and the next's rest
+    assert "non-block part and resident blocks (95.37 MiB) copied during" in str(fits)
+    short = plan_offload([high, low], ring + high.other_bytes - 1 + GIB, reserve=GIB, strategy="layerwise")
+    check_plan(short, [high, low])
+    assert not any(p.rest_ahead for p in short.components)
+    assert short.peak_device_bytes == ring + GIB
+    assert "loaded on demand when the next expert is entered" in str(short)
+    # The layouts are the same either way; a single denoiser never loads ahead.
+    assert [p.resident_blocks for p in fits.components] == [p.resident_blocks for p in short.components]
+    alone = plan_offload([high], ring + high.other_bytes + GIB, reserve=GIB, strategy="layerwise")
+    assert not alone.components[0].rest_ahead and alone.expert_switch is None
 
 
 def test_the_plan_is_titled_after_what_the_denoiser_does() -> None:
