@@ -242,7 +242,8 @@ class CheckpointWeights:
     def identity(self, tensor: torch.Tensor) -> str:
         """Where `tensor`'s bytes come from: its file and key (see `fingerprint` for the files)."""
         entry = self._entries[id(tensor)]
-        return f"{entry.path}:{entry.key}:{entry.dtype}"
+        # Resolved, so a relative path, another cwd or a symlink to the same file gives the same identity.
+        return f"{entry.path.resolve()}:{entry.key}:{entry.dtype}"
 
     def fingerprint(self) -> str:
         """A digest of the identity of every bound file: resolved path, size, modification time and a
