@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 
@@ -43,6 +43,7 @@ BENCH_ROWS = (
     "layerwise-p2",
     "load-model",
     "load-layerwise-p1",
+    "load-layerwise-ram50",
     "budget-50",
     "diffusers-model",
     "diffusers-sequential",
@@ -72,6 +73,7 @@ _FLAG_PHRASES = {
     "raise the budget": "raise --budget",
     "a smaller reserve": "a smaller --reserve",
     "lower prefetch": "lower --prefetch",
+    "raise ram_budget": "raise --ram-budget",
 }
 
 
@@ -204,6 +206,7 @@ def default_steps(pipeline_class: str) -> int | None:
 def _plan(args: argparse.Namespace) -> int:
     _check_size("--budget", args.budget)  # bad flags fail before any model is built
     _check_size("--reserve", args.reserve)
+    _check_size("--ram-budget", args.ram_budget)
     _check_model_source(args.model)
     import torch
 
@@ -252,16 +255,53 @@ def _plan(args: argparse.Namespace) -> int:
     )
     print()
     print(plan)
+    if args.ram_budget is not None:
+        print()
+        print(_host_plan(plan, sizes, args.ram_budget, adapter.step_unit))
     if adapter.notes and args.verbose:
         print(f"\nnotes: {adapter.notes}")
     return 0
+
+
+def _host_plan(plan: Any, sizes: Any, ram_budget: str, step_unit: str) -> str:
+    """The host and disk tiers of `plan` within `ram_budget` (for an accelerator: resident weights
+    hold no host copy), with the disk reads of one image or video."""
+    from .host_budget import host_memory_bytes
+    from .planning import format_bytes
+    from .planning.tiers import PlacedComponent, plan_host
+
+    placed = [
+        PlacedComponent(
+            c.name,
+            c.strategy,
+            c.streamed_blocks,
+            c.prefetch + 1 if c.streamed_blocks else 0,
+        )
+        for c in plan.components
+    ]
+    host = plan_host(
+        sizes,
+        placed,
+        ram_budget,
+        host_total=host_memory_bytes(),
+        calls_per_step=plan.calls_per_step,
+        step_unit=step_unit,
+    )
+    text = str(host)
+    if plan.steps is not None and host.disk_bytes:
+        per_image = plan.steps * host.disk_bytes_per_step + host.disk_bytes_per_call
+        text += f"\n{format_bytes(per_image)} read from disk per image/video at {plan.steps} steps"
+    return text
 
 
 def _generate(args: argparse.Namespace) -> int:
     # Every flag is checked before the pipeline is loaded (loading can take minutes).
     _check_size("--budget", args.budget)
     _check_size("--reserve", args.reserve)
+    _check_size("--ram-budget", args.ram_budget)
     _check_model_source(args.model)
+    if args.ram_budget is not None and args.offload == "none":
+        raise ValueError("--ram-budget applies to --offload auto, layerwise or model, not --offload none")
     if args.budget is not None and args.offload not in ("auto", "layerwise"):
         raise ValueError(f"--budget applies to --offload auto or layerwise, not --offload {args.offload}")
     source = Path(args.model)
@@ -272,9 +312,13 @@ def _generate(args: argparse.Namespace) -> int:
     device = _check_device("--device", args.device)
     offload = args.offload
     if offload == "auto" and args.budget is None and device.type == "cpu":
-        # On the CPU the weights already live in host memory: offloading would only add copies.
-        print("running on the CPU: no offload (the weights already live in host memory)")
-        offload = "none"
+        if args.ram_budget is not None:
+            # Within a host budget the DiT's blocks stream, those that do not fit read from disk.
+            offload = "layerwise"
+        else:
+            # On the CPU the weights already live in host memory: offloading would only add copies.
+            print("running on the CPU: no offload (the weights already live in host memory)")
+            offload = "none"
     import torch
 
     from .pipeline import OffloadPipeline
@@ -297,6 +341,7 @@ def _generate(args: argparse.Namespace) -> int:
             vram_budget=args.budget,
             device=device,
             prefetch=args.prefetch,
+            ram_budget=args.ram_budget,
             dtype=dtype,
             **planned,
         )
@@ -392,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
         "1GiB for a model without an activation estimate)",
     )
     plan.add_argument(
+        "--ram-budget",
+        default=None,
+        help='host memory for weights, e.g. "16GiB" or "60%%": streamed blocks that do not fit stay on disk '
+        "(prints what lives where and the bytes read from disk per step)",
+    )
+    plan.add_argument(
         "--prefetch", type=_non_negative_int, default=1, help="blocks copied ahead (default: 1)"
     )
     plan.add_argument(
@@ -453,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reserve",
         default=None,
         help="kept free for activations (default: estimated from the image or video size)",
+    )
+    generate.add_argument(
+        "--ram-budget",
+        default=None,
+        help='host memory for weights, e.g. "16GiB" or "60%%": streamed blocks that do not fit are read '
+        "from the checkpoint files while the pipeline runs",
     )
     generate.add_argument(
         "--prefetch", type=_non_negative_int, default=1, help="blocks copied ahead (default: 1)"

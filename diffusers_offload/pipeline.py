@@ -13,6 +13,7 @@ from .engine.devices import is_accelerator, resolve_device
 from .engine.hooks import wrap_weight_editor
 from .engine.loading import CheckpointWeights, ReadInto, pread_into
 from .engine.transfer import Copier
+from .host_budget import apply_ram_budget
 from .model_registry import ModelAdapter, get_adapter, pipeline_modules
 from .planning import Plan, measure_components, parse_bytes, plan_offload
 from .planning.activations import estimate_for_components
@@ -21,6 +22,13 @@ from .traffic import CallTracker, CallTraffic
 
 # Left free when no budget is given: the CUDA context, other processes' allocations, fragmentation.
 FREE_MEMORY_MARGIN = 0.9
+
+# Raised by enable_*_offload(ram_budget=...) on a pipeline whose weights are already in memory.
+RAM_BUDGET_NEEDS_FILES = (
+    "ram_budget applies to offload loading: the weights it leaves on disk are read from the checkpoint "
+    "files, but this pipeline's weights are already in memory (DiffusionPipeline.from_pretrained loaded "
+    "them). Load with OffloadPipeline.from_pretrained(path, offload='layerwise', ram_budget=...) instead."
+)
 
 ENCODER_POLICIES = ("swap", "stream")
 OFFLOAD_KINDS = ("auto", "model", "layerwise")
@@ -199,8 +207,18 @@ class OffloadMixin:
         plan: Plan | None = None,
         timing: bool = False,
         share_host_memory: bool = False,
+        *,
+        ram_budget: int | str | None = None,
+        adapter: ModelAdapter | None = None,
     ) -> OffloadHandle:
         modules = pipeline_modules(self)
+        host_plan = None
+        if ram_budget is not None:
+            if self._weights_source is None:
+                raise ValueError(RAM_BUDGET_NEEDS_FILES)
+            placements, host_plan = apply_ram_budget(
+                self, _adapter_for(self, adapter), placements, ram_budget, resolve_device(device)
+            )
         source, self._weights_source = self._weights_source, None
         try:
             handle = apply_placements(
@@ -227,6 +245,7 @@ class OffloadMixin:
                 source.close()
         handle.plan = plan
         self._last_call = None
+        handle.host_plan = host_plan
         for method in PIPELINE_WEIGHT_EDITORS:
             if callable(getattr(self, method, None)):
                 undo = wrap_weight_editor(self, method, handle.edit_weights)
@@ -254,6 +273,7 @@ class OffloadMixin:
         batch: int | None = None,
         pin_memory: bool | None = None,
         timing: bool = False,
+        ram_budget: int | str | None = None,
         adapter: ModelAdapter | None = None,
         copier: Copier | None = None,
         share_host_memory: bool = False,
@@ -268,7 +288,9 @@ class OffloadMixin:
         minimum when the budget cannot hold it. `timing=True` stamps each
         streamed block's copy and compute for the timeline in `offload_report()` (off by default).
         `share_host_memory=True`: processes on this node that offload the same weights the same way
-        share one host copy of them (docs/scale-out.md).
+        share one host copy of them (docs/scale-out.md). `ram_budget` (offload loading only, see
+        `OffloadPipeline.from_pretrained`): the streamed blocks that do not fit it stay on disk (swapped
+        components and resident blocks keep a host copy).
         """
         self._check_not_enabled()
         adapter = self._offload_adapter = _adapter_for(self, adapter)
@@ -287,7 +309,18 @@ class OffloadMixin:
             batch=batch,
         )
         placements = placements_from_plan(adapter, pipeline_modules(self), plan)
-        return self._enable("auto", placements, device, pin_memory, copier, plan, timing, share_host_memory)
+        return self._enable(
+            "auto",
+            placements,
+            device,
+            pin_memory,
+            copier,
+            plan,
+            timing,
+            share_host_memory,
+            ram_budget=ram_budget,
+            adapter=adapter,
+        )
 
     def offload_report(self) -> OffloadReport:
         """What is where and what has moved so far, and the last call's bytes per denoising step and per
@@ -312,6 +345,7 @@ class OffloadMixin:
         device: str | torch.device | None = None,
         *,
         pin_memory: bool | None = None,
+        ram_budget: int | str | None = None,
         adapter: ModelAdapter | None = None,
         copier: Copier | None = None,
         share_host_memory: bool = False,
@@ -321,12 +355,21 @@ class OffloadMixin:
         `device=None` is the current accelerator (else the CPU, with a warning); `pin_memory=None` pins
         the host copies when the device is an accelerator. `share_host_memory=True`: one host copy for
         every process on this node that offloads the same weights the same way (docs/scale-out.md).
+        `ram_budget` (offload loading only) is checked, but a swapped component is held whole on the
+        host: nothing of it can stay on disk.
         """
         self._check_not_enabled()
         adapter = self._offload_adapter = _adapter_for(self, adapter)
         placements = placements_for(adapter, pipeline_modules(self), denoiser="swapped")
         return self._enable(
-            "model", placements, device, pin_memory, copier, share_host_memory=share_host_memory
+            "model",
+            placements,
+            device,
+            pin_memory,
+            copier,
+            share_host_memory=share_host_memory,
+            ram_budget=ram_budget,
+            adapter=adapter,
         )
 
     def enable_layerwise_offload(
@@ -344,6 +387,7 @@ class OffloadMixin:
         batch: int | None = None,
         pin_memory: bool | None = None,
         timing: bool = False,
+        ram_budget: int | str | None = None,
         adapter: ModelAdapter | None = None,
         copier: Copier | None = None,
         share_host_memory: bool = False,
@@ -358,7 +402,9 @@ class OffloadMixin:
         `frames` and `batch`, as for `enable_offload`). `timing=True` stamps each block's copy and compute
         for the timeline in `offload_report()` (a few events per block; off by default).
         `share_host_memory=True`: one host copy for every process on this node that offloads the same
-        weights the same way, e.g. the ranks of `torchrun` (docs/scale-out.md).
+        weights the same way, e.g. the ranks of `torchrun` (docs/scale-out.md). `ram_budget` (offload
+        loading only, see `OffloadPipeline.from_pretrained`): streamed blocks that do not fit it stay on
+        disk and are read ahead from the checkpoint files.
         """
         self._check_not_enabled()
         adapter = self._offload_adapter = _adapter_for(self, adapter)
@@ -383,7 +429,16 @@ class OffloadMixin:
             )
             placements = placements_from_plan(adapter, pipeline_modules(self), plan)
             return self._enable(
-                "layerwise", placements, device, pin_memory, copier, plan, timing, share_host_memory
+                "layerwise",
+                placements,
+                device,
+                pin_memory,
+                copier,
+                plan,
+                timing,
+                share_host_memory,
+                ram_budget=ram_budget,
+                adapter=adapter,
             )
         planned = dict(reserve=reserve, height=height, width=width, frames=frames, batch=batch)
         given = [name for name, value in planned.items() if value is not None]
@@ -405,6 +460,8 @@ class OffloadMixin:
             copier,
             timing=timing,
             share_host_memory=share_host_memory,
+            ram_budget=ram_budget,
+            adapter=adapter,
         )
 
     def disable_offload(self, device: str | torch.device | None = None) -> None:
@@ -506,6 +563,7 @@ class OffloadPipeline:
         batch: int | None = None,
         pin_memory: bool | None = None,
         share_host_memory: bool = False,
+        ram_budget: int | str | None = None,
         reader: ReadInto | None = None,
         **kwargs: Any,
     ) -> Any:
@@ -522,7 +580,11 @@ class OffloadPipeline:
         match its config, raises `ValueError` naming the file before any weight byte is read.
         `share_host_memory=True`: the first process on this node to load these weights this way reads
         them into named shared memory; the others (torchrun ranks, serving workers) attach to that one
-        copy instead of reading (docs/scale-out.md). `reader`: advanced, reads the bytes (tests).
+        copy instead of reading (docs/scale-out.md). `ram_budget` ("24GiB", "60%" of the machine's RAM)
+        caps the host memory held for weights: the streamed blocks that do not fit stay in the checkpoint
+        files and a background thread reads them ahead into two staging buffers while the blocks before
+        them compute (`offload_report()` says whether the disk kept up). `reader`: advanced, reads the
+        bytes (tests).
         """
         from diffusers import DiffusionPipeline
         from diffusers.utils.logging import tqdm
@@ -533,6 +595,7 @@ class OffloadPipeline:
                 vram_budget=vram_budget,
                 device=device,
                 pin_memory=pin_memory,
+                ram_budget=ram_budget,
                 reader=reader,
                 share_host_memory=share_host_memory or None,
             )
@@ -571,11 +634,15 @@ class OffloadPipeline:
                         prefetch=prefetch,
                         pin_memory=pin_memory,
                         share_host_memory=share_host_memory,
+                        ram_budget=ram_budget,
                         **planned,
                     )
                 elif offload == "model":
                     pipe.enable_model_offload(
-                        device, pin_memory=pin_memory, share_host_memory=share_host_memory
+                        device,
+                        pin_memory=pin_memory,
+                        share_host_memory=share_host_memory,
+                        ram_budget=ram_budget,
                     )
                 else:
                     pipe.enable_layerwise_offload(
@@ -584,6 +651,7 @@ class OffloadPipeline:
                         vram_budget=vram_budget,
                         pin_memory=pin_memory,
                         share_host_memory=share_host_memory,
+                        ram_budget=ram_budget,
                         **(planned if vram_budget is not None else {}),
                     )
         finally:

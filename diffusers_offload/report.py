@@ -10,6 +10,7 @@ import torch
 
 from .engine import OffloadHandle
 from .engine.devices import is_accelerator
+from .engine.disk import DiskStats
 from .engine.timeline import BlockTiming, PassTiming
 from .planning import format_bytes
 from .planning.tables import format_table
@@ -28,6 +29,8 @@ class ComponentReport:
     loads: int  # host-to-device transfers so far (blocks or whole components)
     bytes_moved: int  # host-to-device bytes so far
     on_demand_loads: int  # streamed blocks that were not prefetched in time
+    disk: DiskStats | None = None  # the disk tier's reader (ram_budget), if some of its blocks are on disk
+    disk_bytes: int = 0  # bytes of its blocks left in the checkpoint files
 
 
 _HEADERS = ("component", "strategy", "host", "on device", "device held", "blocks res/str", "loads", "moved")
@@ -105,11 +108,39 @@ class OffloadReport:
             f"moved {format_bytes(moved)} so far ({misses} blocks loaded on demand), device peak {peak}"
         )
 
+    @property
+    def disk_bound(self) -> bool:
+        """True when the disk tier set the pace: at least half of the blocks read from disk were not read
+        ahead in time, so the copy to the device waited for the disk."""
+        return any(c.disk is not None and c.disk.disk_bound for c in self.components)
+
+    def _disk_summary(self) -> str | None:
+        tiers = [c for c in self.components if c.disk is not None]
+        if not tiers:
+            return None
+        parts = []
+        for c in tiers:
+            d = c.disk
+            verdict = (
+                "the disk is the bottleneck (a faster disk or a larger ram_budget helps)"
+                if d.disk_bound
+                else "read ahead in time"
+            )
+            parts.append(
+                f"{c.name} disk tier: {format_bytes(c.disk_bytes)} in the checkpoint files, read "
+                f"{format_bytes(d.bytes_read)} ({d.reads} block reads); {d.waits} of {d.takes} block loads "
+                f"waited for the disk ({d.wait_seconds:.2f} s): {verdict}"
+            )
+        return "\n".join(parts)
+
     def __str__(self) -> str:
         table = format_table(
             _HEADERS, self._rows(), right=(False, False, True, True, True, False, True, True)
         )
         parts = [table, self._summary()]
+        disk = self._disk_summary()
+        if disk is not None:
+            parts.append(disk)
         if self.last_call is not None:
             parts.append(self.last_call.summary())
         for timeline in self.timelines:
@@ -162,6 +193,9 @@ class OffloadReport:
             for row in self._rows()
         )
         summary = html.escape(self._summary())
+        disk = self._disk_summary()
+        if disk is not None:
+            summary += "<br>" + html.escape(disk).replace("\n", "<br>")
         if self.last_call is not None:
             summary += "<br>" + html.escape(self.last_call.summary())
         timelines = "".join(
@@ -193,6 +227,11 @@ def build_report(handle: OffloadHandle, last_call: CallTraffic | None = None) ->
             loads += swapped.loads
             moved += swapped.bytes_moved
         streamed = 0
+        disk, disk_bytes, staging = None, 0, 0
+        if ring is not None and ring.reader is not None:
+            disk = ring.reader.stats
+            disk_bytes = sum(group.disk_bytes for group in ring.groups if group.on_disk)
+            staging = ring.reader.staging_bytes
         if ring is not None:
             stats = ring.stats
             weights += sum(ring.groups[owner].data_bytes for owner in ring.slot_owner if owner >= 0)
@@ -210,7 +249,7 @@ def build_report(handle: OffloadHandle, last_call: CallTraffic | None = None) ->
             ComponentReport(
                 name=name,
                 strategy=record.placement.strategy,
-                host_bytes=sum(group.slab.nbytes for group in record.groups),
+                host_bytes=sum(group.slab.nbytes for group in record.groups) + staging,
                 device_weight_bytes=weights,
                 device_reserved_bytes=held,
                 blocks_streamed=streamed,
@@ -218,6 +257,8 @@ def build_report(handle: OffloadHandle, last_call: CallTraffic | None = None) ->
                 loads=loads,
                 bytes_moved=moved,
                 on_demand_loads=misses,
+                disk=disk,
+                disk_bytes=disk_bytes,
             )
         )
     device = handle.device

@@ -34,6 +34,7 @@ TOP_LEVEL = {
     "__main__",
     "pipeline",
     "loader",
+    "host_budget",
     "report",
     "traffic",
     "cli",

@@ -126,6 +126,16 @@ ROWS: dict[str, Row] = {
             in_default=False,
         ),
         Row(
+            "load-layerwise-ram50",
+            True,
+            True,
+            _ours(lambda p, c: p.enable_layerwise_offload(c.device, prefetch=1, ram_budget=c.dit_bytes // 2)),
+            "ours: load-layerwise-p1 with a ram_budget of half the DiT's bytes: the blocks that do not fit "
+            "stay on disk, read ahead from the checkpoint (--checkpoint)",
+            into_offload=True,
+            in_default=False,
+        ),
+        Row(
             "budget-50",
             True,
             True,

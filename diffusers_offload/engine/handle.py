@@ -54,10 +54,12 @@ class OffloadHandle:
         self.pin_memory = pin_memory
         self.groups: list[WeightGroup] = []
         self.rings: list[PrefetchRing] = []
+        self.readers: list[Any] = []  # disk.DiskReader of rings with blocks on the disk tier
         self.swap_sets: list[SwapSet] = []
         self.resident_bytes = 0
         self.components: dict[str, Any] = {}  # name -> placement.ComponentRecord
         self.plan: Any = None  # the planning.Plan that chose the placement, if any
+        self.host_plan: Any = None  # the planning.tiers.HostPlan of a ram_budget, if any
         self.timing = False  # whether its rings stamp a timeline of each block's copy and compute
         self.placeholders = PlaceholderCache(device)
         self.resident_tensors: list[torch.Tensor] = []  # on the device for good: no host copy
@@ -86,8 +88,13 @@ class OffloadHandle:
 
     @property
     def host_bytes(self) -> int:
-        """Bytes of host memory held for the weights (exact-size slabs)."""
-        return sum(group.slab.nbytes for group in self.groups)
+        """Bytes of host memory held for the weights (exact-size slabs, and the disk tier's staging)."""
+        return sum(group.slab.nbytes for group in self.groups) + sum(r.staging_bytes for r in self.readers)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of weights left in the checkpoint files (the disk tier), read at every use."""
+        return sum(group.disk_bytes for group in self.groups if group.on_disk)
 
     @property
     def offloaded_bytes(self) -> int:

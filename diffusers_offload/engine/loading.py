@@ -125,7 +125,7 @@ def pread_into(fd: int, offset: int, out: memoryview) -> None:
         done += count
 
 
-def _byte_view(tensor: torch.Tensor) -> memoryview:
+def byte_view(tensor: torch.Tensor) -> memoryview:
     """A writable memoryview of a contiguous CPU tensor's bytes."""
     flat = tensor.reshape(-1).view(torch.uint8)
     return memoryview(flat.numpy()).cast("B")
@@ -147,7 +147,7 @@ class CheckpointWeights:
 
     def __init__(self, reader: ReadInto = pread_into, progress: Callable[[int], None] | None = None) -> None:
         self._entries: dict[int, Entry] = {}
-        self._reader = reader
+        self.reader = reader
         self.progress = progress  # called with the bytes of each tensor read
         self._fds: dict[Path, int] = {}
         self._read: set[int] = set()
@@ -207,7 +207,7 @@ class CheckpointWeights:
         entry = self._entries[id(tensor)]
         target = out if entry.dtype == out.dtype else torch.empty(entry.shape, dtype=entry.dtype)
         try:
-            self._reader(self._fd(entry.path), entry.start, _byte_view(target))
+            self.reader(self._fd(entry.path), entry.start, byte_view(target))
         except CheckpointError as error:
             raise CheckpointError(f"{entry.path}: reading {entry.key!r} failed: {error}") from None
         if target is not out:
@@ -216,6 +216,16 @@ class CheckpointWeights:
         self.bytes_read += entry.nbytes
         if self.progress is not None:
             self.progress(entry.nbytes)
+
+    def locate(self, tensor: torch.Tensor) -> Entry | None:
+        """Where `tensor`'s bytes are in its file (None if it is not bound), for a reader that reads
+        them later itself (the disk tier); the tensor counts as placed."""
+        entry = self._entries.get(id(tensor))
+        if entry is not None and id(tensor) not in self._read:
+            self._read.add(id(tensor))
+            if self.progress is not None:
+                self.progress(entry.nbytes)  # placed: a progress bar of the load completes
+        return entry
 
     def load(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A new tensor on `device` with `tensor`'s bytes (read on the host, then copied)."""

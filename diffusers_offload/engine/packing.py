@@ -201,6 +201,8 @@ def is_placeholder(tensor: torch.Tensor) -> bool:
 class WeightGroup:
     """The tensors of one block or component, packed into one exact-size host slab."""
 
+    on_disk = False  # a `disk.DiskGroup` holds no slab: its bytes stay in the checkpoint files
+
     def __init__(
         self,
         name: str,
@@ -246,6 +248,11 @@ class WeightGroup:
         self.data_bytes = sum(self.sizes)
         # Groups with equal layouts (identical blocks) can share views into the same buffer.
         self.layout = (tuple(self.offsets), tuple(self.dtypes), tuple(self.shapes))
+        self._fill(source, allocate)
+
+    def _fill(self, source: WeightSource | None, allocate: SlabAllocator) -> None:
+        """Allocates the host slab (`allocate`: private, or shared by the processes of a node) and moves
+        every leaf's bytes into it."""
         self.slab, filled = allocate(self.name, self.nbytes, self.layout, self.pin, self.device_type)
         if filled:
             # Attached to another process's copy of these bytes: nothing is read or copied.

@@ -15,6 +15,7 @@ from diffusers.hooks import ModelHook
 
 from .blocks import check_prefetch, resident_indices, resolve_blocks
 from .devices import resolve_device, resolve_pin_memory
+from .disk import DiskGroup, DiskReader
 from .handle import OffloadHandle, ensure_not_offloaded
 from .hooks import (
     CONFLICTING_METHODS,
@@ -63,6 +64,8 @@ class Placement:
     # prefetched into a ring slot of the one before it, during that one's last blocks
     hand_over: bool = False
     rest_ahead: bool = False  # hand_over: its non-block part is copied then too (beside the one running)
+    disk_blocks: tuple[int, ...] = ()  # streamed: blocks whose host copy stays in the checkpoint files
+    read_ahead: int = 2  # staging buffers the disk reader fills ahead (with disk_blocks)
 
     def __post_init__(self) -> None:
         # Callers pass lists and single names; stored as tuples so that a Placement stays immutable.
@@ -70,6 +73,7 @@ class Placement:
         object.__setattr__(self, "block_lists", (lists,) if isinstance(lists, str) else tuple(lists))
         if not isinstance(self.resident_blocks, int):
             object.__setattr__(self, "resident_blocks", tuple(self.resident_blocks))
+        object.__setattr__(self, "disk_blocks", tuple(self.disk_blocks))
 
 
 @dataclass
@@ -89,7 +93,11 @@ class ComponentRecord:
     streamed_blocks: tuple[torch.nn.Module, ...] = ()  # in ring order
 
 
-def _validate(named: Mapping[str, torch.nn.Module], placements: Mapping[str, Placement]) -> None:
+def _validate(
+    named: Mapping[str, torch.nn.Module],
+    placements: Mapping[str, Placement],
+    source: WeightSource | None = None,
+) -> None:
     if not named:
         raise ValueError("Nothing to offload: no nn.Module components were given.")
     if set(named) != set(placements):
@@ -116,7 +124,14 @@ def _validate(named: Mapping[str, torch.nn.Module], placements: Mapping[str, Pla
                 raise ValueError(
                     f"Component {name!r} cannot be streamed: no block lists are declared for it."
                 )
-            resident_indices(placement.resident_blocks, len(resolve_blocks(module, placement.block_lists)))
+            count = len(resolve_blocks(module, placement.block_lists))
+            keep = resident_indices(placement.resident_blocks, count)
+            _check_disk_blocks(name, placement, keep, count, source)
+        elif placement.disk_blocks:
+            raise ValueError(
+                f"Component {name!r}: disk_blocks apply to the 'streamed' strategy only, "
+                f"not {placement.strategy!r}."
+            )
         for method in placement.entry_methods:
             if not callable(getattr(module, method, None)):
                 raise ValueError(f"Component {name!r} ({type(module).__name__}) has no method {method!r}.")
@@ -130,6 +145,32 @@ def _validate(named: Mapping[str, torch.nn.Module], placements: Mapping[str, Pla
                     f"Component {name!r}: {key} is on the 'meta' device (no weights). Load real weights "
                     "first, or load with OffloadPipeline.from_pretrained(..., offload=...)."
                 )
+
+
+def _check_disk_blocks(
+    name: str, placement: Placement, keep: set[int], count: int, source: WeightSource | None
+) -> None:
+    if not placement.disk_blocks:
+        return
+    wrong = sorted(
+        i for i in placement.disk_blocks if not (isinstance(i, int) and 0 <= i < count) or i in keep
+    )
+    if wrong:
+        raise ValueError(
+            f"Component {name!r}: disk_blocks {wrong} are not streamed blocks (there are {count} blocks, "
+            f"resident: {sorted(keep)})."
+        )
+    if not hasattr(source, "locate"):
+        raise ValueError(
+            f"Component {name!r}: blocks on the disk tier are read from the checkpoint files; load with "
+            "OffloadPipeline.from_pretrained(path, offload=..., ram_budget=...)."
+        )
+    if (
+        isinstance(placement.read_ahead, bool)
+        or not isinstance(placement.read_ahead, int)
+        or placement.read_ahead < 1
+    ):
+        raise ValueError(f"Component {name!r}: read_ahead must be an int >= 1, got {placement.read_ahead!r}.")
 
 
 def _resolve_attr(module: torch.nn.Module, path: str, name: str) -> object:
@@ -162,7 +203,7 @@ def apply_placements(
     named shared memory that every process offloading the same weights the same way uses
     (`shared_memory.SharedSegment`): the first one packs them, the others attach.
     """
-    _validate(named, placements)
+    _validate(named, placements, source)
     device = resolve_device(device)
     pin = resolve_pin_memory(pin_memory, device)
     copier = copier or make_copier(device)
@@ -239,6 +280,7 @@ def _apply(
             blocks = resolve_blocks(module, placement.block_lists)
             keep = resident_indices(placement.resident_blocks, len(blocks))
             streamed = [block for i, block in enumerate(blocks) if i not in keep]
+            on_disk = [i in placement.disk_blocks for i in range(len(blocks)) if i not in keep]
             record.resident_blocks = len(keep)
             record.streamed_blocks = tuple(streamed)
             rest, block_tensors = partition_tensors(module, streamed, claimed)
@@ -255,7 +297,15 @@ def _apply(
             ring = None
             if streamed:
                 ring = build_ring(
-                    handle, streamed, block_tensors, placement.prefetch, placeholders, copier, source
+                    handle,
+                    streamed,
+                    block_tensors,
+                    placement.prefetch,
+                    placeholders,
+                    copier,
+                    source,
+                    on_disk=on_disk,
+                    read_ahead=placement.read_ahead,
                 )
             record.ring = ring
             record.member = swap_set.add(
@@ -396,8 +446,11 @@ def pack_group(
     tensors: list[torch.Tensor],
     placeholders: PlaceholderCache,
     source: WeightSource | None = None,
+    *,
+    on_disk: bool = False,
 ) -> WeightGroup:
-    """Packs `tensors` into a host slab, leaves them offloaded, and registers the restore."""
+    """Packs `tensors` into a host slab (`on_disk`: records where `source`'s files hold them instead),
+    leaves them offloaded, and registers the restore."""
     leaves = {id(leaf) for tensor in tensors for leaf in storage_leaves(tensor)}
     if leaves & handle.packed_leaves:
         # Two groups re-pointing one tensor would pull it from under each other.
@@ -408,14 +461,18 @@ def pack_group(
         )
     handle.packed_leaves |= leaves
     segment = handle.shared_segment
-    group = WeightGroup(
-        name,
-        tensors,
-        pin=handle.pin_memory,
-        device_type=handle.device.type,
-        source=source,
-        allocate=segment.slab if segment is not None else private_slab,
-    )
+    if on_disk:
+        # Its bytes stay in the checkpoint files (each process reads them; the OS shares the page cache).
+        group: WeightGroup = DiskGroup(name, tensors, device_type=handle.device.type, source=source)
+    else:
+        group = WeightGroup(
+            name,
+            tensors,
+            pin=handle.pin_memory,
+            device_type=handle.device.type,
+            source=source,
+            allocate=segment.slab if segment is not None else private_slab,
+        )
     handle.groups.append(group)
     handle.on_remove(lambda target: group.restore(target))
     group.make_placeholders(placeholders)
@@ -431,14 +488,25 @@ def build_ring(
     placeholders: PlaceholderCache,
     copier: Copier,
     source: WeightSource | None = None,
+    *,
+    on_disk: Sequence[bool] = (),
+    read_ahead: int = 2,
 ) -> PrefetchRing:
-    """Packs each streamed block, builds their ring and hooks every block to it; the ring's slots are
+    """Packs each streamed block (those flagged `on_disk` stay in the checkpoint files, read ahead into
+    `read_ahead` staging buffers), builds their ring and hooks every block to it; the ring's slots are
     freed on removal."""
+    flags = list(on_disk) or [False] * len(streamed)
     groups = [
-        pack_group(handle, f"{type(block).__name__}[{i}]", tensors, placeholders, source)
-        for i, (block, tensors) in enumerate(zip(streamed, block_tensors, strict=True))
+        pack_group(handle, f"{type(block).__name__}[{i}]", tensors, placeholders, source, on_disk=disk)
+        for i, (block, tensors, disk) in enumerate(zip(streamed, block_tensors, flags, strict=True))
     ]
-    ring = PrefetchRing(groups, handle.device, prefetch, copier)
+    reader = None
+    if any(flags):
+        disk_groups = {position: group for position, group in enumerate(groups) if group.on_disk}
+        reader = DiskReader(disk_groups, read_ahead, pin=handle.pin_memory, device_type=handle.device.type)
+        handle.readers.append(reader)
+        handle.on_remove(lambda _target: reader.close())
+    ring = PrefetchRing(groups, handle.device, prefetch, copier, reader)
     if handle.timing:
         ring.start_timing()
     handle.rings.append(ring)

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .packing import WeightGroup
 from .timeline import BlockTimeline
 from .transfer import Copier
+
+if TYPE_CHECKING:
+    from .disk import DiskReader
 
 EMPTY = -1
 LENT = -2  # a slot given to the next member of a swap set (its first block is being copied in)
@@ -38,15 +42,24 @@ class PrefetchRing:
 
     The slots are allocated by `allocate()`, or else by the first `acquire`, and given back by `free()`.
     `start_timing()` makes it stamp every block's copy, wait and compute into `timeline` (off by default).
+    Groups on the disk tier (`group.on_disk`) are copied from the staging buffer `reader` read them into.
     """
 
     def __init__(
-        self, groups: Sequence[WeightGroup], device: torch.device, prefetch: int, copier: Copier
+        self,
+        groups: Sequence[WeightGroup],
+        device: torch.device,
+        prefetch: int,
+        copier: Copier,
+        reader: DiskReader | None = None,
     ) -> None:
         if not groups:
             raise ValueError("PrefetchRing needs at least one group to stream.")
         self.groups = list(groups)
         self.copier = copier
+        self.reader = reader
+        if reader is None and any(group.on_disk for group in self.groups):
+            raise ValueError("PrefetchRing: groups on the disk tier need a DiskReader.")
         count = len(self.groups)
         self.lookahead = min(prefetch, count - 1)
         num_slots = self.lookahead + 1
@@ -118,7 +131,8 @@ class PrefetchRing:
                 for _ in range(self.num_slots)
             ]
         )
-        self._src = [group.slab.data for group in self.groups]
+        # None: a disk group, whose bytes are in the reader's staging buffer when its turn comes.
+        self._src = [None if group.on_disk else group.slab.data for group in self.groups]
         if self._events:
             # Fresh slots may reuse memory that work queued on the compute stream still reads: order
             # the first copy into each slot after everything queued so far.
@@ -148,6 +162,8 @@ class PrefetchRing:
                 self.copier.wait(event)
         # Dropping the slab references too: after removal the slabs must be freeable.
         self.slots, self._views, self._dst, self._src = [], [], [], []
+        if self.reader is not None:
+            self.reader.rewind()
 
     def acquire(self, position: int) -> None:
         """Called before block `position` computes: its weights are in a slot once compute proceeds."""
@@ -191,11 +207,18 @@ class PrefetchRing:
         if owner != EMPTY:
             self.groups[owner].offload()
             self.slot_of[owner] = EMPTY
-        copy = (self._dst[position][slot], self._src[position], self._copied[slot], self._released[slot])
+        src = self._src[position]
+        staged = src is None
+        if staged:
+            src = self.reader.take(position)  # waits for the disk if the read-ahead is behind
+        copy = (self._dst[position][slot], src, self._copied[slot], self._released[slot])
         if self.timeline is None:
             self.copier.copy(*copy)
         else:
             self.timeline.copied(position, self.copier.copy_timed(*copy))
+        if staged:
+            # The buffer is reused once the copy recorded in `_copied[slot]` is done.
+            self.reader.release(position, self._copied[slot] if self._events else None)
         group = self.groups[position]
         group.point_to(self._views[position][slot])
         self.slot_owner[slot] = position
@@ -241,6 +264,8 @@ class PrefetchRing:
             and self.lookahead > 0
             and successor.num_slots == self.num_slots
             and successor.slot_bytes <= self.slot_bytes
+            # A head on the disk tier has no host slab to copy from; it loads through its reader.
+            and not successor.groups[0].on_disk
         )
         self._successor = successor if compatible else None
         self._on_hand_over, self._on_cancel = on_hand_over, on_cancel
