@@ -156,3 +156,30 @@ def test_the_plan_decides_whether_the_next_experts_rest_is_copied_ahead():
     # Its first block was prefetched into a slot of the high-noise expert; its rest loaded at its entry.
     assert low.member.loads_ahead == 0 and low.ring.on_demand_loads == 1
     pipe.disable_offload()
+
+
+def test_a_next_expert_whose_first_block_is_on_disk_loads_it_through_its_reader(tmp_path, monkeypatch):
+    # Its head has no host slab to copy ahead: the hand-over copies nothing into the lent slot, and the
+    # block comes from the disk reader at its first forward, bitwise as without offload.
+    import diffusers_offload.pipeline as surface
+
+    apply_ram_budget = surface.apply_ram_budget
+
+    def every_block_on_disk(*args, **kwargs):
+        placements, host_plan = apply_ram_budget(*args, **kwargs)
+        low = placements["transformer_2"]
+        count = len(pipeline_modules(wan22())["transformer_2"].blocks)
+        return {
+            **placements,
+            "transformer_2": dataclasses.replace(low, disk_blocks=tuple(range(count))),
+        }, host_plan
+
+    monkeypatch.setattr(surface, "apply_ram_budget", every_block_on_disk)
+    wan22().save_pretrained(tmp_path)
+    pipe = dof.OffloadPipeline.from_pretrained(
+        tmp_path, offload="layerwise", ram_budget=5_900_000, device="cpu", dtype=torch.float32
+    )
+    low = pipe.offload_handle.components["transformer_2"]
+    assert low.member.hand_over and low.ring.groups[0].on_disk
+    for _ in range(3):
+        assert torch.equal(_generate(pipe), _reference(TINY_WAN_CALL["num_inference_steps"]))

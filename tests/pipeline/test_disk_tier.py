@@ -271,3 +271,28 @@ def test_model_offload_holds_every_component_whole(saved):
         dof.OffloadPipeline.from_pretrained(
             saved, offload="model", ram_budget=BUDGET, device="cpu", dtype=torch.bfloat16
         )
+
+
+def test_with_shared_host_memory_the_host_blocks_are_shared_and_the_disk_blocks_read_from_the_file(
+    saved, expected, tmp_path, monkeypatch
+):
+    from diffusers_offload.engine.shared_memory import DIRECTORY_ENV
+
+    monkeypatch.setenv(DIRECTORY_ENV, str(tmp_path))
+    first = load(saved, ram_budget=BUDGET, share_host_memory=True)
+    second = load(saved, ram_budget=BUDGET, share_host_memory=True)
+    handles = first.offload_handle, second.offload_handle
+    assert handles[0].shared_segment is not None and handles[1].shared_segment is not None
+    (data,) = tmp_path.glob("*.data")
+    for handle in handles:
+        on_disk = [group for group in handle.groups if group.on_disk]
+        assert on_disk and all(group.slab.nbytes == 0 for group in on_disk)
+        # The segment is the host tier's slabs (page-aligned each), not the disk blocks.
+        slabs = [group.slab.nbytes for group in handle.groups if not group.on_disk]
+        assert sum(slabs) <= data.stat().st_size <= sum(slabs) + 4096 * len(slabs)
+        assert data.stat().st_size < handle.offloaded_bytes
+    for pipe in (first, second):
+        assert torch.equal(generate(pipe), expected[0])
+    first.disable_offload()
+    second.disable_offload()
+    assert not list(tmp_path.glob("*.data"))
