@@ -60,9 +60,15 @@ T5_WIDTH = 96  # also the width of the tiny FLUX.1's T5
 
 
 def build_tiny_sd3_transformer(
-    seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: int = 2
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    num_layers: int = 2,
+    *,
+    heads: int = 2,
+    head_dim: int = 16,
 ) -> SD3Transformer2DModel:
-    """The tiny SD3 MMDiT alone (``transformer_blocks`` has ``num_layers`` entries), seeded by ``seed``."""
+    """The tiny SD3 MMDiT alone (``transformer_blocks`` has ``num_layers`` entries), seeded by ``seed``;
+    wider ``heads`` x ``head_dim`` make a heavier one (tests that need megabytes of weights)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SD3Transformer2DModel(
@@ -70,10 +76,10 @@ def build_tiny_sd3_transformer(
             patch_size=2,
             in_channels=LATENT_CHANNELS,
             num_layers=num_layers,
-            attention_head_dim=16,
-            num_attention_heads=2,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
             joint_attention_dim=T5_WIDTH,
-            caption_projection_dim=32,  # must equal num_attention_heads * attention_head_dim
+            caption_projection_dim=heads * head_dim,  # must equal num_attention_heads * attention_head_dim
             pooled_projection_dim=sum(proj for _, proj in _CLIP_WIDTHS),
             out_channels=LATENT_CHANNELS,
             pos_embed_max_size=16,  # up to 16x16 patches, i.e. 256x256 images

@@ -2,32 +2,17 @@
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
 from diffusers.utils import logging as diffusers_logging
 
 from diffusers_offload.cli import main
-from diffusers_offload.tiny.sd3 import build_tiny_sd3_pipeline
+from diffusers_offload.tiny.sd3 import build_tiny_sd3_pipeline, build_tiny_sd3_transformer
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """The tiny SD3 pipeline with an 8-block transformer of ~10 MB (bf16)."""
     pipe = build_tiny_sd3_pipeline(0, torch.bfloat16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        pipe.transformer = SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=16,
-            num_layers=8,
-            attention_head_dim=32,
-            num_attention_heads=4,
-            joint_attention_dim=96,
-            caption_projection_dim=128,
-            pooled_projection_dim=80,
-            out_channels=16,
-            pos_embed_max_size=16,
-        ).to(torch.bfloat16)
+    pipe.transformer = build_tiny_sd3_transformer(1, torch.bfloat16, num_layers=8, heads=4, head_dim=32)
     target = tmp_path_factory.mktemp("sd3_cli_disk")
     pipe.save_pretrained(target)
     return target

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, SD3Transformer2DModel
+from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
 import diffusers_offload as dof
 from diffusers_offload.engine.loading import CheckpointError, pread_into
-from diffusers_offload.tiny.sd3 import TINY_SD3_CALL, build_tiny_sd3_pipeline
+from diffusers_offload.tiny.sd3 import TINY_SD3_CALL, build_tiny_sd3_pipeline, build_tiny_sd3_transformer
 
 MiB = 1 << 20
 BUDGET = 7_500_000  # below the model (~11 MB): most transformer blocks stay on disk
@@ -29,21 +29,9 @@ def _quiet():
 def build_pipeline(num_layers: int = 8, width_heads: int = 4):
     """The tiny SD3 pipeline with a transformer of `num_layers` blocks of ~1.2 MB (bf16)."""
     pipe = build_tiny_sd3_pipeline(0, torch.bfloat16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        pipe.transformer = SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=16,
-            num_layers=num_layers,
-            attention_head_dim=32,
-            num_attention_heads=width_heads,
-            joint_attention_dim=96,
-            caption_projection_dim=32 * width_heads,
-            pooled_projection_dim=80,
-            out_channels=16,
-            pos_embed_max_size=16,
-        ).to(torch.bfloat16)
+    pipe.transformer = build_tiny_sd3_transformer(
+        1, torch.bfloat16, num_layers, heads=width_heads, head_dim=32
+    )
     return pipe
 
 

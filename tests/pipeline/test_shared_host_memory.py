@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
 from diffusers.utils import logging
 
 import diffusers_offload as dof
 from diffusers_offload.bench.measure import pss_bytes
-from diffusers_offload.tiny.sd3 import build_tiny_sd3_pipeline
+from diffusers_offload.tiny.sd3 import build_tiny_sd3_pipeline, build_tiny_sd3_transformer
 
 ROOT = Path(__file__).parents[2]
 WORKER = ROOT / "tests" / "shared_host_worker.py"
@@ -41,21 +40,7 @@ def folder(tmp_path_factory):
     """The tiny SD3 pipeline with a ~80 MB transformer (4 blocks of width 384), saved in float32."""
     target = tmp_path_factory.mktemp("sd3_80mb")
     pipe = build_tiny_sd3_pipeline(0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        pipe.transformer = SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=16,
-            num_layers=4,
-            attention_head_dim=64,
-            num_attention_heads=6,
-            joint_attention_dim=96,
-            caption_projection_dim=384,
-            pooled_projection_dim=80,
-            out_channels=16,
-            pos_embed_max_size=16,
-        ).eval()
+    pipe.transformer = build_tiny_sd3_transformer(1, num_layers=4, heads=6, head_dim=64)
     pipe.save_pretrained(target)
     return target
 
