@@ -37,24 +37,29 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 echo "== CUDA tests" | tee "$out/tests.txt"
 timeout 240 "$python" -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu 2>&1 | tee -a "$out/tests.txt"
 
-# model|rows|steps: the full comparison where it fits the budget, the rows that matter most where not.
+# model|rows|steps[|extra args]: the full comparison where it fits the budget, the rows that matter most
+# where not. The last job saves the real-size SD3.5-medium DiT once (to CKPT) and loads it into the offload
+# layout, with every block on the host and with half of them on the disk tier (H2D from the staging buffers).
+ckpt=${CKPT:-/tmp/diffusers-offload-sd35m}
 for job in \
     "sd35-medium|all|3" \
     "wan21-t2v-14b|none,layerwise-p1,layerwise-p2,budget-50,diffusers-group-block|2" \
     "qwen-image|none,layerwise-p1,budget-50,diffusers-group-block|2" \
     "z-image|none,model,layerwise-p1,budget-50,diffusers-group-block,diffusers-group-leaf|3" \
-    "flux1-dev|none,layerwise-p1,budget-50,diffusers-group-block|3"; do
-    IFS='|' read -r model rows steps <<<"$job"
+    "flux1-dev|none,layerwise-p1,budget-50,diffusers-group-block|3" \
+    "sd35-medium|none,load-layerwise-p1,load-layerwise-ram50|3|--checkpoint $ckpt"; do
+    IFS='|' read -r model rows steps extra <<<"$job"
+    read -r -a extra_arg <<<"${extra:-}"
     elapsed=$(($(date +%s) - started))
     if [ "$elapsed" -ge "$budget" ]; then
-        echo "== $model: skipped (time budget of ${budget} s spent)" | tee "$out/bench-$model.txt"
+        echo "== $model: skipped (time budget of ${budget} s spent)" | tee "$out/bench-$model${extra:+-loading}.txt"
         continue
     fi
     row_arg=()
     [ "$rows" = all ] || row_arg=(--rows "$rows")
-    echo "== bench $model (after ${elapsed} s)" | tee "$out/bench-$model.txt"
+    echo "== bench $model ${extra:-}(after ${elapsed} s)" | tee "$out/bench-$model${extra:+-loading}.txt"
     timeout $((budget - elapsed)) "$python" -m diffusers_offload.cli bench --model "$model" --device cuda \
-        --steps "$steps" "${row_arg[@]}" --row-timeout "$row_timeout" --json "$out/bench-$model.json" 2>&1 |
-        tee -a "$out/bench-$model.txt"
+        --steps "$steps" "${row_arg[@]}" "${extra_arg[@]}" --row-timeout "$row_timeout" \
+        --json "$out/bench-$model${extra:+-loading}.json" 2>&1 | tee -a "$out/bench-$model${extra:+-loading}.txt"
 done
 echo "gpu_check: done in $(($(date +%s) - started)) s; results in $out"
