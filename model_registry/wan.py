@@ -28,8 +28,9 @@ WAN = register_adapter(
         notes=(
             "At the expert switch (from the second call on) the low-noise expert's first streamed block "
             "is prefetched into a ring slot of the high-noise expert; its non-block part and resident "
-            "blocks are copied then too only where the plan leaves room beside the running expert (else "
-            "loaded when it is entered). The pipelines also accept "
+            "blocks are copied then too only where the plan leaves room beside the running expert; else "
+            "its entry waits for the non-block part only and each resident block for its own copy. The "
+            "pipelines also accept "
             "transformer=None (only transformer_2), which this adapter does not serve. Wan 2.2 A14B "
             "stores its experts in float32 on disk; plan with the dtype they are loaded in. Not served: "
             "WanVACEPipeline, WanAnimatePipeline, WanVideoToVideoPipeline (not checked)."

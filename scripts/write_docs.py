@@ -70,17 +70,21 @@ PAGES = (
 
 
 def switch_row(budget: str, plan, sizes) -> str | None:
-    """A markdown row: bytes loaded on demand at the switch between streamed experts, before and now."""
+    """A markdown row: bytes the switch between streamed experts waits for, before and now."""
     if plan.expert_switch is None:
         return None
-    blocks = {s.name: s.block_bytes for s in sizes}
+    by_name = {s.name: s for s in sizes}
     experts = [c for c in plan.components if c.role == "denoiser" and c.streamed_blocks]
     head = max(c.bytes_loaded_per_call for c in experts)
-    first = max(blocks[c.name][c.streamed_blocks[0]] for c in experts)
-    now = 0 if all(c.rest_ahead for c in experts) else head
+    rest = max(by_name[c.name].other_bytes for c in experts)
+    first = max(by_name[c.name].block_bytes[c.streamed_blocks[0]] for c in experts)
+    # Compute waits for the non-block part and for its first block, if that one is resident (a streamed
+    # first block is prefetched); each later resident block's copy overlaps the blocks before it.
+    first_resident = max(by_name[c.name].block_bytes[0] if 0 in c.resident_blocks else 0 for c in experts)
+    now = 0 if all(c.rest_ahead for c in experts) else rest + first_resident
     return (
-        f"| {budget} | {format_bytes(head)} | {format_bytes(first)} | {format_bytes(head + first)} | "
-        f"{format_bytes(now)} |"
+        f"| {budget} | {format_bytes(rest)} | {format_bytes(head - rest)} | {format_bytes(first)} | "
+        f"{format_bytes(head + first)} | {format_bytes(now)} |"
     )
 
 
@@ -170,12 +174,15 @@ def render(page: ModelPage) -> str:
             "second call on, during the high-noise expert's last blocks, the low-noise expert's first "
             "streamed block is prefetched into a ring slot the high-noise expert no longer needs (no extra "
             "device memory); where the plan leaves room for it beside the running expert, the non-block "
-            "part and resident blocks are copied then too. Bytes loaded on demand at the switch, for the "
-            "layer-wise rows above (the first call loads the whole head on demand):",
+            "part and resident blocks are copied then too. Otherwise the switch waits for the non-block "
+            "part (and block 0, where it is resident): the resident blocks are copied behind it, and each "
+            "waits for its own copy at its first forward, while the blocks before it compute. Bytes the "
+            "switch waits for, for the "
+            "layer-wise rows above (the first call also waits for the first streamed block):",
             "",
-            "| budget | non-block part and resident blocks | first streamed block | on demand before | "
-            "on demand now |",
-            "|---|---|---|---|---|",
+            "| budget | non-block part | resident blocks (arrive while it runs) | first streamed block | "
+            "waited for before | waited for now |",
+            "|---|---|---|---|---|---|",
             *switches,
             "",
         ]

@@ -54,6 +54,21 @@ def on_every_leaf_forward(root: torch.nn.Module, check) -> Iterator[list[str]]:
             handle.remove()
 
 
+def _byte_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage that `tensor` spans (a copy into part of a buffer writes only those)."""
+    size = tensor.element_size()
+    start = tensor.storage_offset() * size
+    extent = 1 + sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return start, start + (extent * size if tensor.numel() else 0)
+
+
+def _overlaps(tensor: torch.Tensor, ranges: dict[int, tuple[int, int]] | None) -> bool:
+    if not ranges:
+        return False
+    start, end = _byte_range(tensor)
+    return any(start < hi and lo < end for lo, hi in ranges.values())
+
+
 class DeferredCopier(TorchDispatchMode):
     """A copier that models an asynchronous copy engine beside a compute stream, on the CPU.
 
@@ -75,7 +90,8 @@ class DeferredCopier(TorchDispatchMode):
         self.clock = 0
         self.recorded_at: dict[int, int] = {}  # id(event) -> position of its latest record
         self.pending: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # id(done) -> slot, dst, src
-        self.unwaited: dict[int, int] = {}  # slot -> id(done) of its last copy, until compute waits on it
+        # slot -> {id(done): byte range written} of its copies that compute has not waited for yet
+        self.unwaited: dict[int, dict[int, tuple[int, int]]] = {}
         self.last_read: dict[int, int] = {}  # slot -> position of the last op that read it
         self.violations: list[str] = []
         self.copies = 0
@@ -101,7 +117,7 @@ class DeferredCopier(TorchDispatchMode):
                     slot = arg.untyped_storage().data_ptr()
                     if slot in self.last_read:
                         self.reads += 1
-                        if slot in self.unwaited:
+                        if _overlaps(arg, self.unwaited.get(slot)):
                             self.violations.append(f"{func} read slot {slot:#x} before waiting for its copy")
                         self.last_read[slot] = self.clock
         return func(*args, **kwargs)
@@ -118,7 +134,12 @@ class DeferredCopier(TorchDispatchMode):
             self.violations.append(f"copy into slot {slot:#x} not ordered after the last op that read it")
         self.copies += 1
         self.pending[id(done)] = (slot, dst, src)
-        self.unwaited[slot] = id(done)
+        written = _byte_range(dst)
+        ranges = self.unwaited.setdefault(slot, {})
+        for key, (lo, hi) in list(ranges.items()):  # superseded: the bytes it wrote are written again
+            if lo < written[1] and written[0] < hi:
+                del ranges[key]
+        ranges[id(done)] = written
 
     def copy_timed(
         self, dst: torch.Tensor, src: torch.Tensor, done: Any, after: Any | None
@@ -141,8 +162,10 @@ class DeferredCopier(TorchDispatchMode):
         finally:
             self._running_copy = False
         self.deferred_runs += 1
-        if self.unwaited.get(slot) == id(event):
-            del self.unwaited[slot]
+        ranges = self.unwaited.get(slot, {})
+        ranges.pop(id(event), None)
+        if not ranges:
+            self.unwaited.pop(slot, None)
 
     def record(self, event: Any) -> None:
         self.clock += 1

@@ -22,6 +22,7 @@ from .swap import SwapMember, SwapSet
 
 HOOK_PREFIX = "diffusers_offload."
 STREAMED_BLOCK_HOOK = HOOK_PREFIX + "streamed_block"
+ARRIVING_BLOCK_HOOK = HOOK_PREFIX + "arriving_block"  # a resident block that may still be in flight
 
 # Methods of torch, diffusers (PeftAdapterMixin, ModelMixin) and transformers models that read or change
 # weights or add/remove layers. While offloaded they run on the host copy (`OffloadHandle.edit_weights`).

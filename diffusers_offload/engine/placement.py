@@ -18,6 +18,7 @@ from .devices import resolve_device, resolve_pin_memory
 from .disk import DiskGroup, DiskReader
 from .handle import OffloadHandle, ensure_not_offloaded
 from .hooks import (
+    ARRIVING_BLOCK_HOOK,
     CONFLICTING_METHODS,
     STREAMED_BLOCK_HOOK,
     WEIGHT_EDITORS,
@@ -42,7 +43,7 @@ from .packing import (
 )
 from .ring import PrefetchRing
 from .sharing import open_segment
-from .swap import SwapMember, SwapSet
+from .swap import ArrivingBlocks, SwapMember, SwapSet
 from .transfer import Copier, make_copier
 
 STRATEGIES = ("resident", "swapped", "streamed")
@@ -308,6 +309,9 @@ def _apply(
                     read_ahead=placement.read_ahead,
                 )
             record.ring = ring
+            arriving = None
+            if placement.hand_over and group is not None and keep:
+                arriving = arriving_blocks(handle, group, [blocks[i] for i in sorted(keep)], copier)
             record.member = swap_set.add(
                 SwapMember(
                     name,
@@ -315,6 +319,7 @@ def _apply(
                     ring,
                     hand_over=placement.hand_over,
                     rest_ahead=placement.hand_over and placement.rest_ahead,
+                    arriving=arriving,
                 )
             )
         record.resident_bytes = handle.resident_bytes - before
@@ -517,6 +522,39 @@ def build_ring(
         undo = load_around_compiled(block, hook)
         handle.on_remove(lambda _target, undo=undo: undo())
     return ring
+
+
+def arriving_blocks(
+    handle: OffloadHandle, group: WeightGroup, blocks: Sequence[torch.nn.Module], copier: Copier
+) -> ArrivingBlocks | None:
+    """The byte range of each of `blocks` (resident blocks packed with the non-block part in `group`)
+    and a hook per block that waits for its range; None where a block's bytes are not one run of the
+    slab of their own (then the whole slab is copied at entry, as for any member)."""
+    index = {id(leaf): i for i, leaf in enumerate(group.leaves)}
+    ranges: list[tuple[int, int]] = []
+    for block in blocks:
+        leaves = [leaf for tensor in collect_tensors([block], set()) for leaf in storage_leaves(tensor)]
+        positions = sorted(index[id(leaf)] for leaf in leaves if id(leaf) in index)
+        if not positions or positions != list(range(positions[0], positions[-1] + 1)):
+            return None
+        start, last = group.offsets[positions[0]], positions[-1]
+        ranges.append((start, group.offsets[last] + group.sizes[last]))
+    if any(end > start for (_, end), (start, _) in zip(ranges, ranges[1:])):
+        return None
+    head, cursor = [], 0
+    for start, end in ranges:
+        if start > cursor:
+            head.append((cursor, start))
+        cursor = end
+    if cursor < group.nbytes:
+        head.append((cursor, group.nbytes))
+    arriving = ArrivingBlocks(ranges, head, copier, group.layout)
+    for position, block in enumerate(blocks):
+        hook = StreamedBlockHook(arriving, position)  # type: ignore[arg-type]  # a ring's acquire/release
+        attach_hook(handle, block, hook, ARRIVING_BLOCK_HOOK, innermost=True)
+        undo = load_around_compiled(block, hook)
+        handle.on_remove(lambda _target, undo=undo: undo())
+    return arriving
 
 
 def attach_hook(

@@ -11,6 +11,65 @@ from .ring import PrefetchRing
 from .transfer import Copier
 
 
+class ArrivingBlocks:
+    """The resident blocks inside a hand-over member's non-block slab, copied one block at a time after
+    its entry instead of with the rest: the entry waits for the non-block bytes only, and block `k`'s
+    hook waits for the copies up to its own (`acquire(k)`) before its first forward, so the copies
+    overlap the compute of the blocks before. It stands in for a ring in `StreamedBlockHook`.
+
+    `ranges[k]`: block k's bytes in the slab, in block order; `head`: the slab's other bytes.
+    """
+
+    def __init__(
+        self, ranges: list[tuple[int, int]], head: list[tuple[int, int]], copier: Copier, layout: tuple
+    ) -> None:
+        self.layout = layout  # the slab layout the ranges were taken from (an edit may repack the slab)
+        self.ranges = ranges
+        self.head = head
+        self.copier = copier
+        self.events: list[Any] = []  # copy events of the blocks, while some are not waited for yet
+        self.arrived = 0  # blocks waited for
+
+    def acquire(self, position: int) -> None:
+        if self.events and position >= self.arrived:
+            self._wait_through(position)
+
+    def release(self, position: int) -> None:
+        pass
+
+    def _wait_through(self, position: int) -> None:
+        # Each event on its own: copies on one stream finish in order, but a copier need not run them so.
+        for index in range(self.arrived, min(position + 1, len(self.events))):
+            self.copier.wait(self.events[index])
+        self.arrived = position + 1
+        if self.arrived >= len(self.events):
+            self.events, self.arrived = [], 0
+
+    def copy_in(self, buffer: torch.Tensor, source: torch.Tensor) -> None:
+        """Issues the copies of the slab `source` into `buffer` (fresh, allocated on the compute stream):
+        the non-block bytes first, waited for now, then each block's."""
+        copier = self.copier
+        allocated = copier.new_event()
+        copier.record(allocated)  # the buffer's bytes may be freed ones that queued work still reads
+
+        def issue(ranges: list[tuple[int, int]]) -> list[Any]:
+            events = []
+            for start, end in ranges:
+                events.append(copier.new_event())
+                copier.copy(buffer[start:end], source[start:end], events[-1], allocated)
+            return events
+
+        head = issue(self.head)
+        self.events, self.arrived = issue(self.ranges), 0
+        for event in head:
+            copier.wait(event)
+
+    def settle(self) -> None:
+        """Waits for every copy still in flight (before the buffer is given back)."""
+        if self.events:
+            self._wait_through(len(self.events) - 1)
+
+
 class SwapMember:
     """One component of a swap set.
 
@@ -22,6 +81,8 @@ class SwapMember:
     When one of them is about to be followed by another (as last time), the next one's first streamed
     block is copied during the last streamed blocks of the one running, into a slot it no longer needs;
     with `rest_ahead`, the next one's non-block part too (into memory beside the running one).
+    `arriving`: when it is entered otherwise, its resident blocks are copied block by block behind its
+    non-block part rather than with it (see `ArrivingBlocks`).
     """
 
     def __init__(
@@ -32,8 +93,10 @@ class SwapMember:
         *,
         hand_over: bool = False,
         rest_ahead: bool = False,
+        arriving: ArrivingBlocks | None = None,
     ) -> None:
         self.name = name
+        self.arriving = arriving
         self.group = group
         self.ring = ring
         self.hand_over = hand_over
@@ -89,7 +152,11 @@ class SwapSet:
             # Allocated and filled on the compute stream: it is freed on eviction, and the caching
             # allocator may only hand the bytes out again after the work queued on that stream.
             buffer = torch.empty(group.nbytes, dtype=torch.uint8, device=self.device)
-            self.copier.copy_now(buffer, group.slab.data)
+            arriving = member.arriving
+            if arriving is not None and arriving.layout == group.layout and self.copier.uses_events:
+                arriving.copy_in(buffer, group.slab.data)  # its resident blocks arrive as they run
+            else:
+                self.copier.copy_now(buffer, group.slab.data)
             group.point_to(group.views_into(buffer))
             member.device_buffer = buffer
             member.bytes_moved += group.nbytes
@@ -137,6 +204,8 @@ class SwapSet:
 
     def _evict(self, member: SwapMember) -> None:
         self._drop_ahead(member)
+        if member.arriving is not None:
+            member.arriving.settle()
         if member.group is not None and member.device_buffer is not None:
             member.group.offload()
             member.device_buffer = None

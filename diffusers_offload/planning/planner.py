@@ -204,7 +204,8 @@ class Plan:
         where = (
             "copied during the previous expert's last blocks"
             if all(c.rest_ahead for c in experts)
-            else "loaded on demand when the next expert is entered"
+            else "loaded when the next expert is entered (it waits for the non-block part; each resident "
+            "block for its own copy, at its first forward)"
         )
         return (
             f"expert switch: non-block part and resident blocks ({head}) {where}; the first streamed "

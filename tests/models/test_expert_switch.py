@@ -183,3 +183,91 @@ def test_a_next_expert_whose_first_block_is_on_disk_loads_it_through_its_reader(
     assert low.member.hand_over and low.ring.groups[0].on_disk
     for _ in range(3):
         assert torch.equal(_generate(pipe), _reference(TINY_WAN_CALL["num_inference_steps"]))
+
+
+def test_the_next_experts_resident_blocks_arrive_behind_its_non_block_part_not_with_it():
+    # Where the plan has no room for the next expert's non-block part beside the running one (rest_ahead
+    # off), its entry copies that part and waits for it, while its resident blocks' copies are still in
+    # flight: each block waits for its own copy at its first forward.
+    pipe = dof.attach(wan22())
+    copier = DeferredCopier()
+    handle = pipe.enable_layerwise_offload("cpu", prefetch=1, resident_blocks=1, copier=copier)
+    low = handle.components["transformer_2"]
+    for name in ("transformer", "transformer_2"):
+        handle.components[name].member.rest_ahead = False
+    arriving = low.member.arriving
+    assert arriving is not None and len(arriving.ranges) == 1
+    in_flight = []
+
+    def after_entry(_module, _args):
+        buffer = low.member.device_buffer.untyped_storage().data_ptr()
+        pending = [
+            dst for _slot, dst, _src in copier.pending.values() if dst.untyped_storage().data_ptr() == buffer
+        ]
+        in_flight.append((len(arriving.events), sum(dst.numel() for dst in pending)))
+
+    hook = pipe.transformer_2.register_forward_pre_hook(after_entry)
+    try:
+        for _ in range(3):
+            with copier:
+                assert torch.equal(_generate(pipe), _reference(4))
+            assert arriving.events == []  # every copy was waited for by the end of the call
+    finally:
+        hook.remove()
+    start, end = arriving.ranges[0]
+    # At each entry (the low-noise expert's first call of each pipeline call): its one resident block,
+    # and only its bytes, still in flight; at its later calls nothing.
+    assert in_flight[0] == (1, end - start) and in_flight.count((1, end - start)) == 3
+    assert set(in_flight) == {(1, end - start), (0, 0)}
+    assert copier.violations == []
+    pipe.disable_offload()
+    assert not any(hook_name.startswith("diffusers_offload") for hook_name in _hook_names(pipe.transformer_2))
+
+
+def _hook_names(module):
+    from diffusers.hooks import HookRegistry
+
+    names = []
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        if isinstance(registry, HookRegistry):
+            names.extend(registry.hooks)
+    return names
+
+
+def test_an_edit_that_repacks_the_next_experts_slab_falls_back_to_copying_it_whole():
+    from peft import LoraConfig
+
+    def add_lora(pipe):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(5)
+            config = LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False)
+            pipe.transformer_2.add_adapter(config)
+
+    reference = wan22()
+    add_lora(reference)
+    expected = _generate(reference)
+    pipe = dof.attach(wan22())
+    copier = DeferredCopier()
+    handle = pipe.enable_layerwise_offload("cpu", prefetch=1, resident_blocks=1, copier=copier)
+    for name in ("transformer", "transformer_2"):
+        handle.components[name].member.rest_ahead = False
+    low = handle.components["transformer_2"]
+    layout = low.member.group.layout
+    add_lora(pipe)  # adds tensors to every block: the slab is repacked
+    assert low.member.group.layout != layout
+    assert not torch.equal(expected, _reference(4))
+    in_flight = []
+    hook = pipe.transformer_2.register_forward_pre_hook(
+        lambda _module, _args: in_flight.append(len(low.member.arriving.events))
+    )
+    try:
+        for _ in range(2):
+            with copier:
+                assert torch.equal(_generate(pipe), expected)
+    finally:
+        hook.remove()
+    # The whole repacked slab was copied at each entry (the byte ranges taken at enable are stale).
+    assert in_flight and set(in_flight) == {0}
+    assert copier.violations == []
+    pipe.disable_offload()
